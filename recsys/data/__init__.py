@@ -1,0 +1,1 @@
+"""Datasets, their schemas and splits: the lowest layer of the data flow."""

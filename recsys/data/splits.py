@@ -1,0 +1,30 @@
+"""The one deterministic train/valid/test split of the project (BENCHMARKS.md).
+
+`bucket = zlib.crc32(KEY.encode()) % 10`; buckets 0-7 train, 8 valid, 9 test. The split is a
+pure function of the key, so every implementation (and every peer benchmark) gets the same rows.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+from typing import Literal
+
+import numpy as np
+
+Split = Literal["train", "valid", "test"]
+SPLITS: tuple[Split, ...] = ("train", "valid", "test")
+
+
+def split_of_key(key: str) -> Split:
+    """Maps one key to its split."""
+    bucket = zlib.crc32(key.encode()) % 10
+    if bucket <= 7:
+        return "train"
+    return "valid" if bucket == 8 else "test"
+
+
+def split_codes(keys: Iterable[str]) -> np.ndarray:
+    """Split of many keys as codes: 0 train, 1 valid, 2 test (int8 array)."""
+    buckets = np.fromiter((zlib.crc32(k.encode()) % 10 for k in keys), dtype=np.int8)
+    return np.where(buckets <= 7, 0, np.where(buckets == 8, 1, 2)).astype(np.int8)

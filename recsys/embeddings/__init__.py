@@ -1,0 +1,5 @@
+"""Embedding stacks built from a FeatureSchema and injected into models."""
+
+from recsys.embeddings.per_feature import EmbeddingConfig, FieldEmbedding, build_embedding
+
+__all__ = ["EmbeddingConfig", "FieldEmbedding", "build_embedding"]

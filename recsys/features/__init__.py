@@ -1,0 +1,1 @@
+"""Features: the fitted feature contract and the rows -> KeyedJaggedTensor conversion."""

@@ -1,0 +1,361 @@
+"""FeatureSchema: the DatasetSchema plus what was fitted on train (vocabularies, OOV ids, bucket
+edges, dense statistics), and `encode`, the one function that turns raw rows into ids.
+
+Data flow: raw Arrow rows (a Parquet split, or a serving request) -> `FeatureSchema.encode` ->
+encoded Arrow table (ids, standardised floats, labels) -> `recsys.features.batch` -> Features.
+Id 0 of every table is the reserved OOV id: unseen, missing or too-rare values map there, never
+to an exception and never to a silent collision with a real value.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from recsys.data.schema import ColumnSpec, DatasetSchema, Role
+from recsys.errors import SchemaError
+
+logger = logging.getLogger(__name__)
+
+OOV_ID = 0
+DOMAIN_COLUMN = "__domain__"
+SCHEMA_FILE = "schema.json"
+VOCAB_DIR = "vocab"
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Values of one sparse feature in id order (id = position + 1; id 0 is OOV).
+
+    Values are ordered by train frequency, most frequent first (ties by value), which is the
+    order DNIS's frequency blocks rely on.
+    """
+
+    values: pa.Array
+    _index: dict[object, int] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def num_embeddings(self) -> int:
+        return len(self.values) + 1
+
+    def lookup(self, column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Ids (int64) of `column`'s values; null and unseen values get OOV_ID."""
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        if len(self.values) == 0:
+            return np.zeros(len(column), dtype=np.int64)
+        column = _cast_like(column, self.values.type)
+        if pa.types.is_integer(self.values.type):
+            # Sorted keys + searchsorted: no hash table rebuilt per call, so large integer
+            # vocabularies (synthetic-ctr, millions of ids) stay cheap per batch.
+            keys, ids = self._sorted_integer_index()
+            raw = column.fill_null(np.iinfo(np.int64).min).to_numpy(zero_copy_only=False)
+            pos = np.clip(np.searchsorted(keys, raw), 0, len(keys) - 1)
+            found = (keys[pos] == raw) & column.is_valid().to_numpy(zero_copy_only=False)
+            return np.where(found, ids[pos], OOV_ID).astype(np.int64)
+        index = pc.index_in(column, value_set=self.values)
+        return (pc.fill_null(index, -1).to_numpy(zero_copy_only=False) + 1).astype(np.int64)
+
+    def _sorted_integer_index(self) -> tuple[np.ndarray, np.ndarray]:
+        cached = self.__dict__.get("_sorted")
+        if cached is None:
+            values = self.values.to_numpy(zero_copy_only=False).astype(np.int64)
+            order = np.argsort(values, kind="stable")
+            cached = (values[order], order.astype(np.int64) + 1)
+            object.__setattr__(self, "_sorted", cached)
+        return cached
+
+
+def _cast_like(column: pa.Array, target: pa.DataType) -> pa.Array:
+    if column.type == target:
+        return column
+    if pa.types.is_null(column.type):
+        return pa.nulls(len(column), target)
+    try:
+        return column.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise SchemaError(
+            f"features: cannot read values of type {column.type} as {target} (first values "
+            f"{column.slice(0, 3).to_pylist()}); send the same type the model was trained on"
+        ) from e
+
+
+@dataclass(frozen=True)
+class SparseFeature:
+    """A feature embedded through a table: categorical, multi-categorical or bucketised dense."""
+
+    name: str
+    kind: Literal["categorical", "multi_categorical", "bucketized"]
+    num_embeddings: int
+    bucket_edges: tuple[float, ...] = ()
+
+    @property
+    def is_bag(self) -> bool:
+        return self.kind == "multi_categorical"
+
+
+@dataclass(frozen=True)
+class DenseFeature:
+    """A dense feature, standardised with train statistics: (x - mean) / std, null -> 0."""
+
+    name: str
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """The one feature contract between data, model, trainer and server."""
+
+    dataset: DatasetSchema
+    sparse: tuple[SparseFeature, ...]
+    dense: tuple[DenseFeature, ...]
+    vocabs: dict[str, Vocabulary]
+
+    # --- views --------------------------------------------------------------------------------
+    @property
+    def sparse_names(self) -> list[str]:
+        return [f.name for f in self.sparse]
+
+    @property
+    def dense_names(self) -> list[str]:
+        return [f.name for f in self.dense]
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.sparse) + len(self.dense)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.dataset.tasks
+
+    @property
+    def num_domains(self) -> int:
+        """Domain ids run 0..num_domains-1 (0 = unseen domain); 0 when there is no domain."""
+        if self.dataset.domain is None:
+            return 0
+        return self.vocabs[self.dataset.domain].num_embeddings
+
+    def sparse_feature(self, name: str) -> SparseFeature:
+        for f in self.sparse:
+            if f.name == name:
+                return f
+        raise SchemaError(f"features: unknown sparse feature '{name}' (got {self.sparse_names})")
+
+    # --- encoding -----------------------------------------------------------------------------
+    def encode(self, table: pa.Table, require_labels: bool = True, where: str = "rows") -> pa.Table:
+        """Raw rows -> encoded rows: sparse ids (int64 or list<int64>), standardised dense floats
+        (float32), domain ids and float32 labels. Used for training data and serving requests.
+
+        Raises:
+            SchemaError: a column is missing or mistyped, or a label is not 0/1.
+        """
+        self.dataset.validate_table(table.schema, where, require_labels=require_labels)
+        out: dict[str, pa.Array] = {}
+        for feature in self.sparse:
+            out[feature.name] = self._encode_sparse(feature, table[feature.name])
+        for dense in self.dense:
+            values = _as_float(table[dense.name]).astype(np.float64)
+            standardised = np.nan_to_num((values - dense.mean) / dense.std, nan=0.0)
+            out[dense.name] = pa.array(standardised.astype(np.float32))
+        if self.dataset.domain is not None:
+            out[DOMAIN_COLUMN] = pa.array(
+                self.vocabs[self.dataset.domain].lookup(table[self.dataset.domain])
+            )
+        if require_labels:
+            for label in self.dataset.labels:
+                out[label.name] = pa.array(_check_label(table[label.name], label.name, where))
+        return pa.table(out)
+
+    def _encode_sparse(self, feature: SparseFeature, column: pa.ChunkedArray) -> pa.Array:
+        if feature.kind == "bucketized":
+            values = _as_float(column)
+            ids = np.searchsorted(np.asarray(feature.bucket_edges), values, side="right") + 1
+            return pa.array(np.where(np.isnan(values), OOV_ID, ids).astype(np.int64))
+        vocab = self.vocabs[feature.name]
+        if feature.kind == "categorical":
+            return pa.array(vocab.lookup(column))
+        bags = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        bags = (
+            bags.cast(pa.list_(bags.type.value_type)) if pa.types.is_large_list(bags.type) else bags
+        )
+        # An empty or missing bag becomes [OOV] so every field has an embedding.
+        lengths = pc.fill_null(pc.list_value_length(bags), 0).to_numpy(zero_copy_only=False)
+        flat_ids = vocab.lookup(pc.list_flatten(bags))
+        empty = lengths == 0
+        if empty.any():
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            flat_ids = np.insert(flat_ids, starts[empty], OOV_ID)
+            lengths = np.where(empty, 1, lengths)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_ids, pa.int64()))
+
+    # --- persistence --------------------------------------------------------------------------
+    def save(self, directory: Path) -> list[Path]:
+        """Writes schema.json and one vocabulary Parquet file per table; returns the files."""
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / VOCAB_DIR).mkdir(exist_ok=True)
+        files = [directory / SCHEMA_FILE]
+        doc = {
+            "dataset": self.dataset.model_dump(mode="json"),
+            "sparse": [
+                {
+                    "name": f.name,
+                    "kind": f.kind,
+                    "num_embeddings": f.num_embeddings,
+                    "bucket_edges": list(f.bucket_edges),
+                }
+                for f in self.sparse
+            ],
+            "dense": [{"name": f.name, "mean": f.mean, "std": f.std} for f in self.dense],
+            "vocabs": sorted(self.vocabs),
+        }
+        (directory / SCHEMA_FILE).write_text(json.dumps(doc, indent=2))
+        for name, vocab in self.vocabs.items():
+            path = directory / VOCAB_DIR / f"{name}.parquet"
+            pq.write_table(pa.table({"value": vocab.values}), path)
+            files.append(path)
+        return files
+
+    @classmethod
+    def load(cls, directory: Path) -> FeatureSchema:
+        doc = json.loads((directory / SCHEMA_FILE).read_text())
+        vocabs = {
+            name: Vocabulary(
+                pq.read_table(directory / VOCAB_DIR / f"{name}.parquet")["value"].combine_chunks()
+            )
+            for name in doc["vocabs"]
+        }
+        return cls(
+            dataset=DatasetSchema.model_validate(doc["dataset"]),
+            sparse=tuple(
+                SparseFeature(f["name"], f["kind"], f["num_embeddings"], tuple(f["bucket_edges"]))
+                for f in doc["sparse"]
+            ),
+            dense=tuple(DenseFeature(f["name"], f["mean"], f["std"]) for f in doc["dense"]),
+            vocabs=vocabs,
+        )
+
+
+def _as_float(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return column.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
+
+
+def _check_label(column: pa.ChunkedArray, name: str, where: str) -> np.ndarray:
+    if column.null_count:
+        raise SchemaError(
+            f"{where}: label '{name}' has {column.null_count} missing values "
+            f"(expected 0 or 1 in every row); drop or fill those rows"
+        )
+    values = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    bad = ~np.isin(values, (0.0, 1.0))
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise SchemaError(
+            f"{where}: label '{name}' has value {values[row]:g} at row {row} "
+            f"(expected 0 or 1); binarise the label before training"
+        )
+    return values.astype(np.float32)
+
+
+# --- fitting on train -------------------------------------------------------------------------
+def fit_feature_schema(
+    dataset: DatasetSchema,
+    batches: Iterable[pa.Table | pa.RecordBatch],
+    max_quantile_sample: int = 1_000_000,
+) -> FeatureSchema:
+    """Fits vocabularies, bucket edges and dense statistics on the train split only.
+
+    `batches` streams the train split (e.g. Parquet row groups), so memory is bounded by the
+    number of distinct values, not the number of rows.
+    """
+    counts: dict[str, list[pa.Table]] = {c.name: [] for c in _vocab_columns(dataset)}
+    moments: dict[str, np.ndarray] = {c.name: np.zeros(3) for c in dataset.dense}
+    samples: dict[str, list[np.ndarray]] = {
+        c.name: [] for c in dataset.sparse if c.role == Role.DENSE
+    }
+    sampled = 0
+    for batch in batches:
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+        dataset.validate_table(table.schema, "train split")
+        for name in counts:
+            column = table[name]
+            if dataset.column(name).role == Role.MULTI_CATEGORICAL:
+                column = pc.list_flatten(column)
+            vc = pc.value_counts(column.drop_null()).flatten()
+            counts[name].append(pa.table({"value": vc[0], "count": vc[1]}))
+            if len(counts[name]) > 16:
+                counts[name] = [_merge_counts(counts[name])]
+        for name, m in moments.items():
+            values = _as_float(table[name])
+            values = values[~np.isnan(values)]
+            m += (len(values), values.sum(), (values**2).sum())
+        if sampled < max_quantile_sample:
+            for name in samples:
+                samples[name].append(_as_float(table[name])[: max_quantile_sample - sampled])
+            sampled += table.num_rows
+
+    vocabs = {}
+    for name, tables in counts.items():
+        merged = _merge_counts(tables)
+        spec = dataset.column(name)
+        merged = merged.filter(pc.greater_equal(merged["count"], spec.min_count))
+        # most frequent first, ties by value: deterministic and frequency-ordered
+        merged = merged.sort_by([("count", "descending"), ("value", "ascending")])
+        vocabs[name] = Vocabulary(merged["value"].combine_chunks())
+    sparse = []
+    for spec in dataset.sparse:
+        if spec.role == Role.DENSE:
+            values = np.concatenate(samples[spec.name]) if samples[spec.name] else np.zeros(0)
+            values = values[~np.isnan(values)]
+            assert spec.num_buckets is not None
+            quantiles = np.linspace(0, 1, spec.num_buckets + 1)[1:-1]
+            edges = np.unique(np.quantile(values, quantiles)) if len(values) else np.zeros(0)
+            sparse.append(
+                SparseFeature(
+                    spec.name, "bucketized", len(edges) + 2, tuple(float(e) for e in edges)
+                )
+            )
+        else:
+            sparse.append(
+                SparseFeature(
+                    spec.name,
+                    spec.role.value,  # type: ignore[arg-type]
+                    vocabs[spec.name].num_embeddings,
+                )
+            )
+    dense = []
+    for spec in dataset.dense:
+        n, total, total_sq = moments[spec.name]
+        if n == 0:
+            raise SchemaError(
+                f"train split: dense column '{spec.name}' has no values "
+                f"(expected numbers); drop it from the schema"
+            )
+        mean = total / n
+        std = float(np.sqrt(max(total_sq / n - mean**2, 0.0))) or 1.0
+        dense.append(DenseFeature(spec.name, float(mean), std))
+    schema = FeatureSchema(dataset, tuple(sparse), tuple(dense), vocabs)
+    logger.info("fitted features: %s", {f.name: f.num_embeddings for f in sparse})
+    return schema
+
+
+def _vocab_columns(dataset: DatasetSchema) -> list[ColumnSpec]:
+    columns = [c for c in dataset.sparse if c.role != Role.DENSE]
+    if dataset.domain is not None and all(c.name != dataset.domain for c in columns):
+        columns.append(dataset.column(dataset.domain))
+    return columns
+
+
+def _merge_counts(tables: list[pa.Table]) -> pa.Table:
+    merged = pa.concat_tables(tables).group_by("value").aggregate([("count", "sum")])
+    return pa.table({"value": merged["value"], "count": merged["count_sum"]})

@@ -1,0 +1,1 @@
+"""CTR models: one file per model, a registry, and the ModelOutput contract."""

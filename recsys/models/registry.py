@@ -1,0 +1,38 @@
+"""The model registry: name -> (model class, config class). Explicit, greppable, no magic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from recsys.errors import ConfigError
+from recsys.features.schema import FeatureSchema
+from recsys.models.autoint import AutoInt, AutoIntConfig
+from recsys.models.outputs import CTRModel
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_class: type[CTRModel]
+    config_class: type[BaseModel]
+
+
+MODELS: dict[str, ModelSpec] = {
+    "autoint": ModelSpec(AutoInt, AutoIntConfig),
+}
+
+# The union of model configs, discriminated by their `name` field (used by ExperimentConfig).
+ModelConfig = AutoIntConfig
+
+
+def model_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ConfigError(f"model: unknown model '{name}' (expected one of {sorted(MODELS)})")
+    return MODELS[name]
+
+
+def build_model(config: BaseModel, embedding: object, schema: FeatureSchema) -> CTRModel:
+    """Builds the registered model named by `config.name` around an injected embedding."""
+    spec = model_spec(config.name)  # type: ignore[attr-defined]
+    return spec.model_class(config, embedding, schema)  # type: ignore[call-arg]

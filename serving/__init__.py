@@ -1,0 +1,1 @@
+"""The gRPC scoring server (recsys.v1.Scoring). Imports recsys, never training or Ray."""

@@ -1,0 +1,173 @@
+"""ExperimentConfig: everything a training run needs, typed, frozen and strict.
+
+A YAML file under configs/ is a serialised ExperimentConfig. `load_config(path, overrides)`
+applies `--set section.key=value` overrides and turns pydantic's error into one message naming
+the key (and, for an unknown key, the closest valid one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from recsys.data.schema import format_validation_error
+from recsys.embeddings import EmbeddingConfig
+from recsys.errors import ConfigError
+from recsys.models.registry import ModelConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Strict):
+    """Where the rows come from.
+
+    Args:
+        dataset: `ml100k-ctr` and `synthetic-ctr` are prepared by `recsys data prepare`;
+            `parquet` is your own data: `path` holds train/valid/test Parquet (a file
+            `<split>.parquet` or a folder `<split>/` of shards each) and `schema_file` a YAML
+            DatasetSchema.
+        path: the prepared dataset folder; defaults to `<data_dir>/<dataset>`.
+        schema_file: YAML DatasetSchema; defaults to `<path>/schema.yaml`.
+        data_dir: the cache directory; defaults to `$RECSYS_DATA` or `~/.cache/recsys`.
+    """
+
+    dataset: Literal["ml100k-ctr", "synthetic-ctr", "parquet"] = "ml100k-ctr"
+    path: str | None = None
+    schema_file: str | None = None
+    data_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _parquet_needs_path(self) -> DataConfig:
+        if self.dataset == "parquet" and self.path is None:
+            raise ValueError(
+                "data.path is required when data.dataset is 'parquet' (the folder "
+                "with train/valid/test Parquet)"
+            )
+        return self
+
+
+class TrainConfig(_Strict):
+    """Optimisation and evaluation settings (the same for every model).
+
+    Args:
+        max_epochs: upper bound; early stopping on valid AUC usually ends the run sooner.
+        patience: epochs without a better valid AUC before stopping.
+        batch_size: rows per optimizer step per worker.
+        dense_lr: Adam learning rate of the dense (non-table) parameters.
+        dense_weight_decay: L2 on dense parameters (Adam's decoupled-from-tables penalty).
+        table_lr: learning rate of the fused row-wise Adagrad on embedding tables.
+        table_eps: row-wise Adagrad epsilon.
+        eval_batch_size: rows per forward pass in evaluation.
+        seed: seeds model init and shuffling.
+        log_every_steps: rank 0 prints one progress line per this many steps.
+        parity_rows: valid rows rescored from the exported artifact as the final check.
+    """
+
+    max_epochs: int = Field(10, ge=1)
+    patience: int = Field(2, ge=0)
+    batch_size: int = Field(1024, ge=1)
+    dense_lr: float = Field(1e-3, gt=0)
+    dense_weight_decay: float = Field(0.0, ge=0)
+    table_lr: float = Field(0.05, gt=0)
+    table_eps: float = Field(1e-8, gt=0)
+    eval_batch_size: int = Field(8192, ge=1)
+    seed: int = 0
+    log_every_steps: int = Field(50, ge=1)
+    parity_rows: int = Field(512, ge=1)
+
+
+class RayConfig(_Strict):
+    """Where and how wide the job runs.
+
+    Args:
+        num_workers: Ray Train workers; each holds a shard of the tables (DMP over gloo).
+        cpus_per_worker: CPUs reserved per worker; fractional so Ray Data keeps CPUs to read.
+        threads_per_worker: torch/OMP threads in each worker.
+        address: an existing Ray cluster (`ray://` or `host:port`); None starts a local one.
+        collective_timeout_s: gloo timeout, so a dead peer fails the step instead of hanging.
+    """
+
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0)
+    threads_per_worker: int = Field(1, ge=1)
+    address: str | None = None
+    collective_timeout_s: int = Field(300, ge=5)
+
+
+class OutputConfig(_Strict):
+    """Where results go.
+
+    Args:
+        model_name: the artifact's name under the model repository.
+        model_repo: `MODEL_REPO/<model_name>/<version>/` receives the artifact.
+        run_root: run folders (fitted features, encoded data, Ray's checkpoints, logs).
+        run_name: the run folder's name; defaults to `<model_name>-<timestamp>`.
+    """
+
+    model_name: str = Field("model", pattern=r"^[A-Za-z0-9_.-]+$")
+    model_repo: str = "model_repo"
+    run_root: str = "runs"
+    run_name: str | None = None
+
+
+class ExperimentConfig(_Strict):
+    """One training run: data, model, embedding, training, Ray and output settings."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    train: TrainConfig = TrainConfig()
+    ray: RayConfig = RayConfig()
+    output: OutputConfig = OutputConfig()
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars/lists: `3`, `1e-3`, `true`, `[400, 400]`, `null`."""
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies `section.key=value` overrides to a raw config dict (a copy is returned)."""
+    result: dict[str, Any] = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"--set: '{item}' is not of the form key=value (e.g. --set model.num_heads=4)"
+            )
+        key, value = item.split("=", 1)
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set: '{key}' goes through a value, not a section")
+        node[parts[-1]] = _parse_value(value)
+    return result
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Loads a YAML ExperimentConfig strictly and applies overrides.
+
+    Raises:
+        ConfigError: naming the bad key (and the closest valid key for a typo).
+    """
+    raw: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        where = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as e:
+            raise ConfigError(f"config: file {path} does not exist") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path}: not valid YAML ({e})") from e
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {format_validation_error(e, ExperimentConfig)}") from e
