@@ -30,7 +30,7 @@ demo: setup
 	$(VENV)/bin/recsys data prepare ml100k-ctr
 	$(VENV)/bin/recsys train --config configs/autoint_ml100k.yaml --num-workers 2 \
 		--set output.run_root=$(DEMO_DIR)/runs --set output.model_repo=$(DEMO_DIR)/model_repo
-	$(VENV)/bin/recsys evaluate --artifact $(DEMO_DIR)/model_repo/autoint_ml100k/latest \
+	$(VENV)/bin/recsys evaluate --artifact $(DEMO_DIR)/model_repo/autoint_ml100k \
 		--split test --output $(DEMO_DIR)/eval_test
 
 lint: setup

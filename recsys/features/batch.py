@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys.data.schema import Role
 from recsys.errors import SchemaError
 from recsys.features.schema import DOMAIN_COLUMN, FeatureSchema
 
@@ -156,6 +157,26 @@ def features_from_rows(schema: FeatureSchema, rows: list[dict[str, object]]) -> 
                 f"rows: feature '{name}' is missing in row {missing[0]} "
                 f"(expected every row to have {columns})"
             )
-        data[name] = [r[name] for r in rows]
+        data[name] = _request_column(schema, name, [r[name] for r in rows])
     table = pa.table(data)
     return features_from_encoded(schema, schema.encode(table, require_labels=False))
+
+
+def _request_column(schema: FeatureSchema, name: str, values: list[object]) -> pa.Array:
+    """One request column as Arrow; mixed or unreadable Python types become a SchemaError, and
+    a column of nulls only (nothing to infer a type from) gets the type its role expects."""
+    try:
+        column = pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
+        raise SchemaError(
+            f"rows: feature '{name}' has values Arrow cannot read as one type (got "
+            f"{values[:3]!r}: {e}); send every row's '{name}' as the type the model was "
+            f"trained on"
+        ) from e
+    if pa.types.is_null(column.type):
+        spec = schema.dataset.column(name)
+        if spec.role == Role.DENSE:
+            return pa.nulls(len(values), pa.float64())
+        if spec.role == Role.MULTI_CATEGORICAL:
+            return pa.nulls(len(values), pa.list_(schema.vocabs[name].values.type))
+    return column

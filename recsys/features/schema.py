@@ -47,13 +47,16 @@ class Vocabulary:
     def num_embeddings(self) -> int:
         return len(self.values) + 1
 
-    def lookup(self, column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-        """Ids (int64) of `column`'s values; null and unseen values get OOV_ID."""
+    def lookup(self, column: pa.Array | pa.ChunkedArray, name: str | None = None) -> np.ndarray:
+        """Ids (int64) of `column`'s values; null and unseen values get OOV_ID.
+
+        `name` (the feature) is only used in the error for values of an unreadable type.
+        """
         if isinstance(column, pa.ChunkedArray):
             column = column.combine_chunks()
         if len(self.values) == 0:
             return np.zeros(len(column), dtype=np.int64)
-        column = _cast_like(column, self.values.type)
+        column = _cast_like(column, self.values.type, name)
         if pa.types.is_integer(self.values.type):
             # Sorted keys + searchsorted: no hash table rebuilt per call, so large integer
             # vocabularies (synthetic-ctr, millions of ids) stay cheap per batch.
@@ -75,7 +78,7 @@ class Vocabulary:
         return cached
 
 
-def _cast_like(column: pa.Array, target: pa.DataType) -> pa.Array:
+def _cast_like(column: pa.Array, target: pa.DataType, name: str | None = None) -> pa.Array:
     if column.type == target:
         return column
     if pa.types.is_null(column.type):
@@ -83,8 +86,9 @@ def _cast_like(column: pa.Array, target: pa.DataType) -> pa.Array:
     try:
         return column.cast(target)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        what = f"'{name}' values" if name else "values"
         raise SchemaError(
-            f"features: cannot read values of type {column.type} as {target} (first values "
+            f"features: cannot read {what} of type {column.type} as {target} (first values "
             f"{column.slice(0, 3).to_pylist()}); send the same type the model was trained on"
         ) from e
 
@@ -169,7 +173,9 @@ class FeatureSchema:
             out[dense.name] = pa.array(standardised.astype(np.float32))
         if self.dataset.domain is not None:
             out[DOMAIN_COLUMN] = pa.array(
-                self.vocabs[self.dataset.domain].lookup(table[self.dataset.domain])
+                self.vocabs[self.dataset.domain].lookup(
+                    table[self.dataset.domain], self.dataset.domain
+                )
             )
         if require_labels:
             for label in self.dataset.labels:
@@ -183,14 +189,14 @@ class FeatureSchema:
             return pa.array(np.where(np.isnan(values), OOV_ID, ids).astype(np.int64))
         vocab = self.vocabs[feature.name]
         if feature.kind == "categorical":
-            return pa.array(vocab.lookup(column))
+            return pa.array(vocab.lookup(column, feature.name))
         bags = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
         bags = (
             bags.cast(pa.list_(bags.type.value_type)) if pa.types.is_large_list(bags.type) else bags
         )
         # An empty or missing bag becomes [OOV] so every field has an embedding.
         lengths = pc.fill_null(pc.list_value_length(bags), 0).to_numpy(zero_copy_only=False)
-        flat_ids = vocab.lookup(pc.list_flatten(bags))
+        flat_ids = vocab.lookup(pc.list_flatten(bags), feature.name)
         empty = lengths == 0
         if empty.any():
             starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])

@@ -1,0 +1,198 @@
+"""Training-side subcommands of `recsys`: data, train, predict, evaluate.
+
+Each function takes the arguments after the subcommand name and returns an exit code; errors
+from the library (ConfigError, SchemaError, DataError, ArtifactError) become one line on stderr
+and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from recsys.errors import ArtifactError, ConfigError, DataError, SchemaError
+
+USER_ERRORS = (ConfigError, SchemaError, DataError, ArtifactError)
+
+
+def _run(fn: Callable[[], int]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        return fn()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def data(argv: list[str]) -> int:
+    """`recsys data prepare ml100k-ctr|synthetic-ctr [--data-dir DIR] ...`"""
+    parser = argparse.ArgumentParser(prog="recsys data", description="Prepare a dataset.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    prep = sub.add_parser("prepare", help="download/generate a dataset and write its splits")
+    prep.add_argument("dataset", choices=["ml100k-ctr", "synthetic-ctr"])
+    prep.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="cache folder (default $RECSYS_DATA or ~/.cache/recsys)",
+    )
+    prep.add_argument(
+        "--out", type=Path, default=None, help="output folder (default DATA_DIR/<dataset>)"
+    )
+    prep.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="ml100k-ctr: a local GroupLens ml-100k folder instead of the download",
+    )
+    prep.add_argument("--rows", type=int, default=1_000_000, help="synthetic-ctr: rows")
+    prep.add_argument("--seed", type=int, default=0, help="synthetic-ctr: seed")
+    args = parser.parse_args(argv)
+
+    def go() -> int:
+        from recsys.data.movielens import default_data_dir, prepare_ml100k_ctr
+
+        data_dir = args.data_dir or default_data_dir()
+        out = args.out or data_dir / args.dataset
+        if args.dataset == "ml100k-ctr":
+            counts = prepare_ml100k_ctr(
+                out, data_dir=data_dir, source=args.source, show_progress=True
+            )
+        else:
+            from recsys.data.synthetic import generate_synthetic_ctr
+
+            info = generate_synthetic_ctr(
+                out, num_rows=args.rows, seed=args.seed, show_progress=True
+            )
+            counts = dict(info.split_rows)
+        print(f"{args.dataset} ready in {out}: {counts}")
+        return 0
+
+    return _run(go)
+
+
+def train(argv: list[str]) -> int:
+    """`recsys train --config FILE [--num-workers N] [--set key=value ...]`"""
+    parser = argparse.ArgumentParser(
+        prog="recsys train", description="Train a model on Ray and export an artifact."
+    )
+    parser.add_argument("--config", type=Path, required=True, help="YAML ExperimentConfig")
+    parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers")
+    parser.add_argument("--address", default=None, help="join an existing Ray cluster")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. train.seed=1",
+    )
+    args = parser.parse_args(argv)
+
+    def go() -> int:
+        from training.config import load_config
+        from training.jobs import train as train_job
+
+        overrides = list(args.overrides)
+        if args.num_workers is not None:
+            overrides.append(f"ray.num_workers={args.num_workers}")
+        if args.address is not None:
+            overrides.append(f"ray.address={args.address}")
+        cfg = load_config(args.config, overrides)
+        result = train_job(cfg)
+        _print_result(result)
+        return 0
+
+    return _run(go)
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    print(
+        f"best epoch {result.get('best_epoch')}: "
+        f"valid auc={result.get('valid_auc', float('nan')):.4f} "
+        f"logloss={result.get('valid_logloss', float('nan')):.4f} | "
+        f"test auc={result.get('test_auc', float('nan')):.4f} "
+        f"logloss={result.get('test_logloss', float('nan')):.4f}"
+    )
+    print(
+        f"artifact: {result.get('artifact')} (parity max |diff| "
+        f"{result.get('parity_max_abs_diff', float('nan')):.1e} on "
+        f"{result.get('parity_rows')} valid rows)"
+    )
+
+
+def predict(argv: list[str]) -> int:
+    """`recsys predict --artifact DIR --input PARQUET --output PARQUET`"""
+    parser = argparse.ArgumentParser(
+        prog="recsys predict", description="Score Parquet rows with an artifact (Ray Data)."
+    )
+    parser.add_argument(
+        "--artifact",
+        type=Path,
+        required=True,
+        help="MODEL_REPO/<name>[/<version>] (newest version by default)",
+    )
+    parser.add_argument("--input", type=Path, nargs="+", required=True, help="Parquet file(s)")
+    parser.add_argument("--output", type=Path, required=True, help="predictions Parquet file")
+    parser.add_argument("--address", default=None, help="join an existing Ray cluster")
+    args = parser.parse_args(argv)
+
+    def go() -> int:
+        from training.jobs import predict as predict_job
+
+        rows = predict_job(args.artifact, args.input, args.output, address=args.address)
+        print(f"wrote {rows} predictions to {args.output}")
+        return 0
+
+    return _run(go)
+
+
+def evaluate(argv: list[str]) -> int:
+    """`recsys evaluate --artifact DIR (--split test | --input PARQUET) --output DIR2`"""
+    parser = argparse.ArgumentParser(
+        prog="recsys evaluate",
+        description="Recompute metrics from fresh predictions into OUTPUT/metrics.json.",
+    )
+    parser.add_argument(
+        "--artifact",
+        type=Path,
+        required=True,
+        help="MODEL_REPO/<name>[/<version>] (newest version by default)",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--split", choices=["train", "valid", "test"])
+    source.add_argument("--input", type=Path, nargs="+", help="labelled Parquet file(s)")
+    parser.add_argument(
+        "--data-path",
+        type=Path,
+        default=None,
+        help="dataset folder for --split (default: where the model was trained)",
+    )
+    parser.add_argument("--output", type=Path, required=True, help="output folder")
+    parser.add_argument("--address", default=None, help="join an existing Ray cluster")
+    args = parser.parse_args(argv)
+
+    def go() -> int:
+        from training.jobs import evaluate as evaluate_job
+
+        report = evaluate_job(
+            args.artifact,
+            args.output,
+            split=args.split,
+            inputs=args.input,
+            data_path=args.data_path,
+            address=args.address,
+        )
+        for task, m in report["tasks"].items():
+            line = " ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float))
+            print(f"{task}: {line} rows={m.get('num_rows')}")
+        print(f"metrics written to {args.output / 'metrics.json'}")
+        print(json.dumps({t: m["auc"] for t, m in report["tasks"].items()}))
+        return 0
+
+    return _run(go)

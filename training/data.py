@@ -1,0 +1,152 @@
+"""Driver-side data preparation for a run: locate the splits, fit features on train, encode.
+
+Raw split Parquet -> FeatureSchema fitted on train (streamed) -> encoded Parquet in the run
+folder (train shuffled once and cut into shards so Ray Data can shuffle file order per epoch;
+valid/test carry a `__row__` index so gathered predictions can be put back in order) ->
+side tables of user and item features keyed by id, for the artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from recsys.data.movielens import default_data_dir, prepare_ml100k_ctr
+from recsys.data.schema import DatasetSchema
+from recsys.data.splits import SPLITS
+from recsys.errors import DataError
+from recsys.features.schema import FeatureSchema, fit_feature_schema
+from training.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+ROW_COLUMN = "__row__"
+GROUP_COLUMN = "__group__"  # the raw user id of valid/test rows, for GAUC
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """The raw Parquet files of one dataset, per split, with its DatasetSchema."""
+
+    schema: DatasetSchema
+    root: Path
+    files: dict[str, list[Path]]
+
+
+def split_files(root: Path, split: str) -> list[Path]:
+    """`<root>/<split>.parquet`, or every `*.parquet` under `<root>/<split>/` (sorted)."""
+    single = root / f"{split}.parquet"
+    if single.exists():
+        return [single]
+    folder = root / split
+    shards = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if not shards:
+        raise DataError(
+            f"data: no Parquet for split '{split}' under {root} (expected "
+            f"{single} or {folder}/*.parquet); run `recsys data prepare` first"
+        )
+    return shards
+
+
+def locate_dataset(config: DataConfig, prepare: bool = True) -> SplitFiles:
+    """Finds (and for ml100k-ctr prepares on first use) the dataset named by the config."""
+    data_dir = Path(config.data_dir) if config.data_dir else default_data_dir()
+    root = Path(config.path) if config.path else data_dir / config.dataset
+    if config.dataset == "ml100k-ctr" and prepare:
+        prepare_ml100k_ctr(root, data_dir=data_dir, show_progress=True)
+    schema_path = Path(config.schema_file) if config.schema_file else root / "schema.yaml"
+    if not schema_path.exists():
+        raise DataError(
+            f"data: schema file {schema_path} not found (expected a YAML "
+            f"DatasetSchema); for your own Parquet set data.schema_file, for the "
+            f"built-in datasets run `recsys data prepare {config.dataset}`"
+        )
+    schema = DatasetSchema.from_yaml(schema_path)
+    return SplitFiles(schema, root, {s: split_files(root, s) for s in SPLITS})
+
+
+def iter_tables(
+    files: list[Path], columns: list[str] | None = None, batch_rows: int = 65_536
+) -> Iterator[pa.Table]:
+    """Streams Parquet files as tables of at most `batch_rows` rows (bounded memory)."""
+    for path in files:
+        parquet = pq.ParquetFile(path)
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+            yield pa.Table.from_batches([batch])
+
+
+def fit_features(data: SplitFiles) -> FeatureSchema:
+    """Fits the FeatureSchema on the train split only."""
+    return fit_feature_schema(data.schema, iter_tables(data.files["train"]))
+
+
+def encode_splits(
+    data: SplitFiles,
+    features: FeatureSchema,
+    out_dir: Path,
+    seed: int,
+    rows_per_shard: int = 16_384,
+    show_progress: bool = False,
+) -> dict[str, Path]:
+    """Encodes every split into `out_dir/<split>/part-*.parquet`; returns the split folders.
+
+    Train rows are shuffled with `seed` within each chunk of `shuffle_rows` and written as
+    shards of `rows_per_shard`, so reading files in a random order mixes users and items.
+    """
+    rng = np.random.default_rng(seed)
+    folders = {}
+    for split in SPLITS:
+        folder = out_dir / split
+        folder.mkdir(parents=True, exist_ok=True)
+        row_offset, shard = 0, 0
+        total = sum(pq.ParquetFile(f).metadata.num_rows for f in data.files[split])
+        bar = tqdm(
+            total=total,
+            desc=f"encode {split}",
+            unit="rows",
+            disable=not show_progress,
+            mininterval=1.0,
+        )
+        # Chunks of up to 1M rows: big enough to mix rows well, small enough to bound memory.
+        for table in iter_tables(data.files[split], batch_rows=1 << 20):
+            encoded = features.encode(table, where=f"{split} split")
+            encoded = encoded.append_column(
+                ROW_COLUMN, pa.array(np.arange(row_offset, row_offset + table.num_rows))
+            )
+            if split != "train" and data.schema.user is not None:
+                encoded = encoded.append_column(
+                    GROUP_COLUMN, table[data.schema.user.id_column].cast(pa.string())
+                )
+            if split == "train":
+                encoded = encoded.take(pa.array(rng.permutation(encoded.num_rows)))
+            for start in range(0, encoded.num_rows, rows_per_shard):
+                part = encoded.slice(start, rows_per_shard)
+                pq.write_table(part, folder / f"part-{shard:05d}.parquet")
+                shard += 1
+            row_offset += table.num_rows
+            bar.update(table.num_rows)
+        bar.close()
+        folders[split] = folder
+    return folders
+
+
+def side_tables(data: SplitFiles) -> dict[str, pa.Table]:
+    """User and item features keyed by id, from every split (entity attributes, not labels)."""
+    tables = {}
+    for entity_name, entity in (("user", data.schema.user), ("item", data.schema.item)):
+        if entity is None:
+            continue
+        columns = [entity.id_column, *entity.feature_columns]
+        parts = [t for s in SPLITS for t in iter_tables(data.files[s], columns=columns)]
+        table = pa.concat_tables(parts)
+        ids = table[entity.id_column].to_numpy(zero_copy_only=False)
+        _, first = np.unique(ids, return_index=True)
+        tables[entity_name] = table.take(pa.array(np.sort(first)))
+    return tables

@@ -1,0 +1,84 @@
+"""The only place that builds a Ray Train `TorchTrainer`.
+
+Starts (or joins) Ray, builds the Ray Data datasets of the encoded splits, and runs
+`train_loop_per_worker` on `num_workers` workers with gloo (CPU) or nccl (GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ray
+import ray.data
+from ray.train import DataConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from training.config import ExperimentConfig
+from training.loop import RunPaths, train_loop_per_worker
+
+logger = logging.getLogger(__name__)
+
+
+def ensure_ray(address: str | None, num_workers: int, cpus_per_worker: float) -> None:
+    """Joins `address`, or starts an embedded local Ray sized so Ray Data keeps CPUs to read."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # Workers reserve fractional CPUs; advertise at least 4 logical CPUs so that read tasks
+    # (1 CPU each by default) can run beside them on a 2-core machine (DESIGN.md pitfalls).
+    logical = max(4, int(num_workers * cpus_per_worker) + 2, os.cpu_count() or 1)
+    ray.init(
+        num_cpus=logical,
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+
+
+def _quiet_data_context() -> None:
+    # Ray Data's per-operator progress bars flood logs from every worker; our loop prints one
+    # line per interval instead.
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
+def run_trainer(cfg: ExperimentConfig, paths: RunPaths) -> None:
+    """Runs distributed training; rank 0 writes the final report into the run folder."""
+    ensure_ray(cfg.ray.address, cfg.ray.num_workers, cfg.ray.cpus_per_worker)
+    _quiet_data_context()
+    encoded = Path(paths.encoded_dir)
+    datasets = {
+        "train": ray.data.read_parquet(str(encoded / "train"), shuffle="files"),
+        "valid": ray.data.read_parquet(str(encoded / "valid")),
+    }
+    env = {
+        "OMP_NUM_THREADS": str(cfg.ray.threads_per_worker),
+        "MKL_NUM_THREADS": str(cfg.ray.threads_per_worker),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": cfg.model_dump(mode="json"), "paths": paths.model_dump()},
+        torch_config=TorchConfig(backend="gloo", timeout_s=cfg.ray.collective_timeout_s),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers,
+            use_gpu=False,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name=Path(paths.run_dir).name,
+            storage_path=str(Path(paths.run_dir).resolve().parent / "_ray"),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
