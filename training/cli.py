@@ -96,14 +96,16 @@ def train(argv: list[str]) -> int:
 
     def go() -> int:
         from training.config import load_config
-        from training.jobs import train as train_job
 
         overrides = list(args.overrides)
         if args.num_workers is not None:
             overrides.append(f"ray.num_workers={args.num_workers}")
         if args.address is not None:
             overrides.append(f"ray.address={args.address}")
+        # validate the config before importing Ray and torch, so a typo is reported at once
         cfg = load_config(args.config, overrides)
+        from training.jobs import train as train_job
+
         result = train_job(cfg)
         _print_result(result)
         return 0

@@ -269,6 +269,10 @@ def format_validation_error(error: ValidationError, model: type[BaseModel]) -> s
         if item["type"] == "extra_forbidden":
             valid = _valid_keys_at(model, item["loc"][:-1])
             lines.append(f"unknown key '{loc}'{_closest(str(item['loc'][-1]), valid)}")
+        elif item["type"] == "value_error":
+            # our validators already name the value and the fix; the input is the whole section
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc}: {message}" if loc else message)
         else:
             lines.append(f"{loc or 'value'}: {item['msg']} (got {item.get('input')!r})")
     return "; ".join(lines)

@@ -1,0 +1,86 @@
+"""The `recsys` command as a user runs it (a subprocess): help, dispatch, and user errors as one
+'error: ...' line with exit code 2 and no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COMMANDS = ("data", "evaluate", "predict", "train")
+
+
+def _recsys(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RECSYS_DATA": str(cwd / "data")}  # never touch the user's cache
+    return subprocess.run(
+        [sys.executable, "-m", "recsys.cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_the_commands(tmp_path: Path, flag: str) -> None:
+    result = _recsys(flag, cwd=tmp_path)
+    assert result.returncode == 0
+    listed = [line.strip() for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert sorted(listed) == sorted(COMMANDS)
+
+
+def test_unknown_command_exits_2_naming_the_valid_ones(tmp_path: Path) -> None:
+    result = _recsys("trian", "--config", "x.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown command 'trian'" in result.stderr
+    for name in COMMANDS:
+        assert f"'{name}'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_train_with_a_typo_in_the_config_is_one_error_line(tmp_path: Path) -> None:
+    raw = yaml.safe_load((REPO / "configs" / "autoint_ml100k.yaml").read_text())
+    raw["model"]["num_head"] = raw["model"].pop("num_heads")
+    config = tmp_path / "typo.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = _recsys("train", "--config", config, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = _error_lines(result.stderr)
+    assert len(errors) == 1, result.stderr
+    assert "unknown key 'model.num_head'; did you mean 'num_heads'?" in errors[0]
+    assert str(config) in errors[0]
+    # nothing was started: no run folder or model repository in the working directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["typo.yaml"]
+
+
+def test_evaluate_missing_artifact_exits_2_with_artifact_error(tmp_path: Path) -> None:
+    missing = tmp_path / "model_repo" / "nope"
+    output = tmp_path / "eval"
+    result = _recsys(
+        "evaluate", "--artifact", missing, "--split", "test", "--output", output, cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = _error_lines(result.stderr)
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith(f"error: artifact: {missing} is neither an artifact version folder")
+    assert not output.exists()
+
+
+def test_subcommand_usage_error_exits_2(tmp_path: Path) -> None:
+    # argparse's own errors (a missing required flag) keep its exit code 2 and usage line
+    result = _recsys("train", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "the following arguments are required: --config" in result.stderr
