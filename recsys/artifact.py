@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from recsys.embeddings import EmbeddingConfig, build_embedding
 from recsys.errors import ArtifactError
+from recsys.features.batch import features_from_encoded
 from recsys.features.schema import FeatureSchema
 from recsys.models.outputs import CTRModel
 from recsys.models.registry import build_model, model_spec
@@ -256,8 +257,6 @@ def score_table(
     model: CTRModel, schema: FeatureSchema, table: pa.Table, batch_size: int = 8192
 ) -> dict[str, torch.Tensor]:
     """Probabilities of every served task for raw rows, through encode -> Features -> model."""
-    from recsys.features.batch import features_from_encoded
-
     model.eval()
     outputs: dict[str, list[torch.Tensor]] = {t: [] for t in model.served_tasks}
     for start in range(0, table.num_rows, batch_size):

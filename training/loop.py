@@ -97,6 +97,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     embedding = build_embedding(schema, cfg.embedding, device=torch.device("meta"))
     model = build_model(cfg.model, embedding, schema)
     dmp, optimizer, plan = shard_model(model, cfg, world)
+    initial_lrs = [group["lr"] for group in optimizer.param_groups]
     if rank == 0:
         logger.info("sharding plan:\n%s", plan)
 
@@ -141,7 +142,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "epoch": epoch,
                         "loss": loss_sum / epoch_steps,
                         "ex_per_s": epoch_rows * world / max(elapsed, 1e-9),
-                        "lr": cfg.train.dense_lr,
+                        "lr": optimizer.param_groups[-1]["lr"],
                     },
                     rank,
                 )
@@ -151,6 +152,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dmp, model, schema, valid, cfg.train.eval_batch_size, rank, world
         )
         improved = stopper.update(result.metrics["auc"], epoch)
+        if not improved:
+            # reduce on plateau: the same decision on every rank (metrics were gathered)
+            for group, initial in zip(optimizer.param_groups, initial_lrs, strict=True):
+                scaled = group["lr"] * cfg.train.lr_decay_on_plateau
+                group["lr"] = max(scaled, initial * cfg.train.min_lr_scale)
         # One decision for all ranks: rank 0's, broadcast (ranks computed the same metrics,
         # but a broadcast makes disagreement impossible rather than unlikely).
         decision = torch.tensor([int(stopper.should_stop)])
