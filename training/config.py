@@ -62,7 +62,6 @@ class TrainConfig(_Strict):
         dense_weight_decay: L2 on dense parameters (Adam's decoupled-from-tables penalty).
         table_lr: learning rate of the fused row-wise Adagrad on embedding tables.
         table_eps: row-wise Adagrad epsilon.
-        table_weight_decay: L2 penalty on the table rows a batch touches (fbgemm's fused L2).
         eval_batch_size: rows per forward pass in evaluation.
         seed: seeds model init and shuffling.
         log_every_steps: rank 0 prints one progress line per this many steps.
@@ -79,7 +78,6 @@ class TrainConfig(_Strict):
     dense_weight_decay: float = Field(0.0, ge=0)
     table_lr: float = Field(0.05, gt=0)
     table_eps: float = Field(1e-8, gt=0)
-    table_weight_decay: float = Field(0.0, ge=0)
     eval_batch_size: int = Field(8192, ge=1)
     seed: int = 0
     log_every_steps: int = Field(50, ge=1)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -38,14 +37,7 @@ def shard_model(
         _apply_optimizer_in_backward(
             RowWiseAdagrad,
             ebc.parameters(),
-            {
-                "lr": cfg.train.table_lr,
-                "eps": cfg.train.table_eps,
-                "weight_decay": cfg.train.table_weight_decay,
-                "weight_decay_mode": WeightDecayMode.L2
-                if cfg.train.table_weight_decay
-                else WeightDecayMode.NONE,
-            },
+            {"lr": cfg.train.table_lr, "eps": cfg.train.table_eps},
         )
     constraints = {
         config.name: ParameterConstraints(sharding_types=ALLOWED_SHARDING)
