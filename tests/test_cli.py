@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ("data", "evaluate", "predict", "train")
+COMMANDS = ("data", "evaluate", "predict", "score", "serve", "train", "verify-artifact")
 
 
 def _recsys(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,233 @@
+"""The server interceptor: request ids, auth, status mapping, metrics and request logs.
+
+Every RPC passes through `ServingInterceptor` (STYLE.md §9, §10):
+- a request id from the `x-request-id` metadata (or a fresh one) is put in a contextvar for the
+  RPC's task and echoed in the trailing metadata;
+- with a bearer token configured, calls other than health checks need
+  `authorization: Bearer <token>` (UNAUTHENTICATED otherwise);
+- the serving exceptions become statuses in this one place: RequestError -> INVALID_ARGUMENT
+  (feature and row in the details and in `recsys-feature-bin`/`recsys-row` trailing metadata),
+  NotFound -> NOT_FOUND, NotReady -> UNAVAILABLE, Overloaded -> RESOURCE_EXHAUSTED,
+  DeadlineExceeded -> DEADLINE_EXCEEDED, anything else -> INTERNAL with the request id (the
+  traceback goes to the log only);
+- unary calls are counted by method and status and timed; one DEBUG log line per call and one
+  WARNING line per failure, each with the request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from serving.errors import (
+    DeadlineExceeded,
+    NotFound,
+    NotReady,
+    Overloaded,
+    RequestError,
+    ServingError,
+)
+from serving.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+REQUEST_ID_KEY = "x-request-id"
+FEATURE_KEY = "recsys-feature-bin"  # binary metadata: feature names need not be ASCII
+ROW_KEY = "recsys-row"
+AUTH_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+_STATUS: tuple[tuple[type[ServingError], grpc.StatusCode], ...] = (
+    (RequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (NotReady, grpc.StatusCode.UNAVAILABLE),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+)
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds `request_id` (the current RPC's, or '-') to log records, for log formats."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    """The gRPC status of an exception raised while serving (INTERNAL if it is not ours)."""
+    for error_type, code in _STATUS:
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _request_id(metadata: Any) -> str:
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID_RE.match(value):
+            return value
+    return uuid.uuid4().hex[:16]
+
+
+class ServingInterceptor(grpc.aio.ServerInterceptor):
+    """Request ids, optional bearer-token auth, status mapping, metrics and logs.
+
+    Args:
+        metrics: where RPC counts and latencies go, if anywhere.
+        auth_token: when set, the bearer token every non-health call must carry.
+    """
+
+    def __init__(self, metrics: ServerMetrics | None = None, auth_token: str | None = None):
+        self._metrics = metrics
+        self._expected_auth = f"Bearer {auth_token}".encode() if auth_token else None
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if not self._authorized(method, handler_call_details.invocation_metadata):
+            return _denying_handler(handler, method, self._metrics)
+        if handler.unary_unary is None:
+            return handler  # streaming calls (health Watch, reflection) pass through
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap(method, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _authorized(self, method: str, metadata: Any) -> bool:
+        if self._expected_auth is None or method.startswith(AUTH_EXEMPT_PREFIXES):
+            return True
+        for key, value in metadata or ():
+            if key == "authorization":
+                got = value.encode() if isinstance(value, str) else bytes(value)
+                return hmac.compare_digest(got, self._expected_auth)
+        return False
+
+    def _wrap(
+        self, method: str, behavior: Callable[..., Any]
+    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        metrics = self._metrics
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            request_id = _request_id(context.invocation_metadata())
+            token = REQUEST_ID.set(request_id)
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                response = behavior(request, context)
+                if asyncio.iscoroutine(response):
+                    response = await response
+                code = _context_code(context) or grpc.StatusCode.OK
+                context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+                logger.debug(
+                    "rpc %s ok request_id=%s ms=%.2f",
+                    method,
+                    request_id,
+                    (time.perf_counter() - start) * 1e3,
+                )
+                return response
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                logger.debug("rpc %s cancelled request_id=%s", method, request_id)
+                raise
+            except grpc.aio.AbortError:
+                # the servicer ended the call itself (e.g. health Check of an unknown service)
+                code = _context_code(context) or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception as e:
+                code = status_for(e)
+                elapsed_ms = (time.perf_counter() - start) * 1e3
+                trailing: list[tuple[str, str | bytes]] = [(REQUEST_ID_KEY, request_id)]
+                if code == grpc.StatusCode.INTERNAL:
+                    details = f"internal error (request_id={request_id}); see the server log"
+                    logger.error(
+                        "rpc %s failed request_id=%s status=%s ms=%.1f: %r",
+                        method,
+                        request_id,
+                        code.name,
+                        elapsed_ms,
+                        e,
+                        exc_info=e,
+                    )
+                else:
+                    details = str(e)
+                    if isinstance(e, RequestError):
+                        if e.field is not None:
+                            trailing.append((FEATURE_KEY, e.field.encode()))
+                        if e.row is not None:
+                            trailing.append((ROW_KEY, str(e.row)))
+                    logger.warning(
+                        "rpc %s failed request_id=%s status=%s ms=%.1f: %s",
+                        method,
+                        request_id,
+                        code.name,
+                        elapsed_ms,
+                        details,
+                    )
+                await context.abort(code, details, trailing_metadata=tuple(trailing))
+            finally:
+                if metrics is not None:
+                    metrics.requests.labels(method, code.name).inc()
+                    metrics.latency.labels(method).observe(time.perf_counter() - start)
+                REQUEST_ID.reset(token)
+
+        return wrapped
+
+
+def _context_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
+    code = context.code()
+    if code is None or isinstance(code, grpc.StatusCode):
+        return code
+    # some grpc versions report the raw integer code
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+
+
+def _denying_handler(
+    handler: grpc.RpcMethodHandler, method: str, metrics: ServerMetrics | None
+) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that answers UNAUTHENTICATED."""
+
+    async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        request_id = _request_id(context.invocation_metadata())
+        logger.warning(
+            "rpc %s failed request_id=%s status=UNAUTHENTICATED: missing or wrong bearer token",
+            method,
+            request_id,
+        )
+        if metrics is not None:
+            metrics.requests.labels(method, grpc.StatusCode.UNAUTHENTICATED.name).inc()
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "auth: missing or wrong bearer token (expected metadata "
+            "'authorization: Bearer <token>')",
+            trailing_metadata=((REQUEST_ID_KEY, request_id),),
+        )
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(deny, **kwargs)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(deny, **kwargs)

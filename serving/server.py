@@ -1,0 +1,212 @@
+"""The grpc.aio scoring server: Scoring service, health, reflection, metrics, graceful stop.
+
+`create_server(cfg, models)` builds the server around a ModelManager: the `recsys.v1.Scoring`
+servicer, the standard `grpc.health.v1.Health` service (overall status "" and one per model
+name, NOT_SERVING until the manager has loaded and warmed the model, then SERVING), server
+reflection, the interceptor (request ids, auth, status mapping, metrics) and the Prometheus
+side port. `serve(server)` starts it and, on SIGTERM or SIGINT, turns health NOT_SERVING, stops
+accepting calls, lets in-flight calls finish for `grace_s`, and returns. `main()` is
+`python -m serving.server`, the same as `recsys serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from recsys.errors import ConfigError
+from serving._pb.recsys.v1 import scoring_pb2 as pb
+from serving._pb.recsys.v1 import scoring_pb2_grpc as pb_grpc
+from serving.config import ServerConfig
+from serving.convert import feature_infos
+from serving.errors import RequestError
+from serving.interceptors import ServingInterceptor
+from serving.model_manager import ModelManager
+
+logger = logging.getLogger(__name__)
+
+SCORING_SERVICE = pb.DESCRIPTOR.services_by_name["Scoring"].full_name
+
+
+class ScoringServicer(pb_grpc.ScoringServicer):
+    """`recsys.v1.Scoring`: looks the model up, converts, batches, answers. Errors are raised
+    as serving exceptions and mapped to statuses by the interceptor."""
+
+    def __init__(self, models: ModelManager) -> None:
+        self._models = models
+
+    async def Score(
+        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreResponse:
+        if not request.model:
+            raise RequestError("model", None, "is empty (expected a model name)")
+        loaded = self._models.get(request.model, request.version)
+        scores = await loaded.score(request, context.time_remaining())
+        num_rows = len(next(iter(scores.values()))) if scores else 0
+        response = pb.ScoreResponse(model=loaded.name, version=loaded.version, num_rows=num_rows)
+        for task, probabilities in scores.items():
+            response.scores[task].probabilities.extend(probabilities.tolist())
+        return response
+
+    async def GetModelInfo(
+        self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        if not request.model:
+            raise RequestError("model", None, "is empty (expected a model name)")
+        loaded = self._models.get(request.model, request.version)
+        dataset = loaded.artifact.schema.dataset
+        return pb.ModelInfo(
+            model=loaded.name,
+            version=loaded.version,
+            tasks=list(loaded.tasks),
+            features=feature_infos(loaded.artifact.schema),
+            metrics_json=json.dumps(loaded.artifact.metrics, sort_keys=True),
+            created_at=str(loaded.artifact.manifest.get("created_at", "")),
+            loaded_versions=self._models.loaded_versions(loaded.name),
+            user_id_feature=dataset.user.id_column if dataset.user else "",
+            item_id_feature=dataset.item.id_column if dataset.item else "",
+            table_dtype=loaded.table_dtype,
+        )
+
+
+@dataclass
+class _Runtime:
+    """What `serve` and `shutdown` need besides the grpc server itself."""
+
+    cfg: ServerConfig
+    models: ModelManager
+    health: HealthServicer
+
+
+_RUNTIMES: weakref.WeakKeyDictionary[grpc.aio.Server, _Runtime] = weakref.WeakKeyDictionary()
+
+
+async def create_server(cfg: ServerConfig, models: ModelManager) -> tuple[grpc.aio.Server, int]:
+    """Builds and binds the server and starts the model manager's loading; call in the loop
+    that will run the server, then `await server.start()` (or `serve(server)`).
+
+    Returns:
+        The server (not started) and the bound port (the chosen one when `cfg.port` is 0).
+
+    Raises:
+        ConfigError: the model repository is not a folder, or the port could not be bound.
+    """
+    models.check_repository()
+    token = cfg.auth_token.get_secret_value() if cfg.auth_token else None
+    server = grpc.aio.server(
+        interceptors=[ServingInterceptor(models.metrics, token)],
+        options=[
+            ("grpc.max_receive_message_length", cfg.max_receive_message_bytes),
+            ("grpc.so_reuseport", 0),  # a taken port must fail, not be shared silently
+        ],
+        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+    )
+    pb_grpc.add_ScoringServicer_to_server(ScoringServicer(models), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [
+            SCORING_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+
+    async def follow(statuses: Mapping[str, bool]) -> None:
+        for name, serving in statuses.items():
+            status = health_pb2.HealthCheckResponse.SERVING
+            if not serving:
+                status = health_pb2.HealthCheckResponse.NOT_SERVING
+            await health.set(name, status)
+
+    await follow(models.statuses)
+    models.add_listener(follow)
+
+    address = f"{cfg.host}:{cfg.port}"
+    try:
+        if cfg.use_tls:
+            assert cfg.tls_cert_file is not None and cfg.tls_key_file is not None
+            credentials = grpc.ssl_server_credentials(
+                [(cfg.tls_key_file.read_bytes(), cfg.tls_cert_file.read_bytes())]
+            )
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise ConfigError(f"serve: could not bind {address} ({e}); is the port taken?") from e
+    if port == 0:
+        raise ConfigError(f"serve: could not bind {address} (got port 0); is the port taken?")
+    if token and not cfg.use_tls and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning(
+            "serve: a bearer token is required but %s serves plaintext; the token travels in "
+            "the clear (configure tls_cert_file/tls_key_file)",
+            address,
+        )
+    if cfg.metrics_port is not None:
+        models.metrics.start_http(cfg.host, cfg.metrics_port)
+    _RUNTIMES[server] = _Runtime(cfg, models, health)
+    await models.start()
+    logger.info("serve: bound %s:%d (model repository %s)", cfg.host, port, cfg.model_repo)
+    return server, port
+
+
+async def shutdown(server: grpc.aio.Server, grace_s: float | None = None) -> None:
+    """Health NOT_SERVING, stop accepting calls, let in-flight calls finish, release models.
+
+    Args:
+        server: a server made by `create_server`.
+        grace_s: how long in-flight calls may still run (default: the config's `grace_s`).
+    """
+    runtime = _RUNTIMES[server]
+    grace = runtime.cfg.grace_s if grace_s is None else grace_s
+    await runtime.health.enter_graceful_shutdown()
+    logger.info("serve: shutting down (in-flight calls get %.1fs)", grace)
+    await server.stop(grace)
+    await runtime.models.close()
+    runtime.models.metrics.stop_http()
+    logger.info("serve: stopped")
+
+
+async def serve(server: grpc.aio.Server, on_started: Callable[[], None] | None = None) -> None:
+    """Starts the server and runs it until SIGTERM or SIGINT, then shuts down gracefully.
+
+    Args:
+        server: a server made by `create_server`.
+        on_started: called once the server accepts calls (the CLI prints the address there).
+    """
+    await server.start()
+    if on_started is not None:
+        on_started()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("serve: signal received")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    await shutdown(server)
+
+
+def main() -> int:
+    """`python -m serving.server ARGS`: the same as `recsys serve ARGS`."""
+    from serving.cli import serve as serve_command
+
+    return serve_command(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
