@@ -103,7 +103,10 @@ def serve(argv: list[str]) -> int:
         help="file holding the bearer token clients must send (not on the command line)",
     )
     parser.add_argument(
-        "--quantize", default=None, help="embedding tables as served: none (default)"
+        "--quantize",
+        default=None,
+        choices=["none", "int8", "int4"],
+        help="embedding tables as served: none (fp32, default), int8 or int4 (row-wise quantized)",
     )
     args = parser.parse_args(argv)
 

@@ -37,7 +37,8 @@ class ServerConfig(BaseModel):
         warmup_rows: rows of the forward pass run on each model version before it serves.
         num_scoring_threads: threads running model forwards (batches in flight at once).
         max_versions_per_model: newest valid versions kept loaded per model (pinnable).
-        quantize: how embedding tables are served; only `none` (fp32) is implemented here.
+        quantize: how embedding tables are served: `none` (fp32 as exported), `int8` or
+            `int4` (fbgemm row-wise quantized tables, kept quantized in memory).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -60,7 +61,7 @@ class ServerConfig(BaseModel):
     warmup_rows: int = Field(default=8, ge=1)
     num_scoring_threads: int = Field(default=1, ge=1)
     max_versions_per_model: int = Field(default=2, ge=1)
-    quantize: Literal["none"] = "none"
+    quantize: Literal["none", "int8", "int4"] = "none"
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerConfig:

@@ -51,15 +51,17 @@ OVERALL = ""  # the health service name of the server as a whole
 def transform_for(quantize: str) -> tuple[ModelTransform | None, str]:
     """The model transform and table dtype label for a `--quantize` mode.
 
-    Only `none` (fp32 tables as exported) is implemented; int8/int4 plug in here.
-
-    Raises:
-        ConfigError: an unknown or not yet implemented mode.
+    `none` serves the fp32 tables as exported; `int8`/`int4` swap them for fbgemm row-wise
+    quantized tables right after load (serving.quantize), so fp32 tables are never held twice.
     """
     if quantize == "none":
         return None, "fp32"
+    if quantize in ("int8", "int4"):
+        from serving.quantize import quantize_transform
+
+        return quantize_transform(quantize), quantize  # type: ignore[arg-type]
     raise ConfigError(
-        f"serve: quantize mode '{quantize}' is not implemented (got {quantize!r}, expected 'none')"
+        f"serve: unknown quantize mode '{quantize}' (expected 'none', 'int8' or 'int4')"
     )
 
 

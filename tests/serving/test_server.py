@@ -17,7 +17,9 @@ import grpc
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys.artifact import WEIGHTS, write_artifact
 from recsys.features.schema import FeatureSchema
@@ -604,3 +606,24 @@ def test_scoring_client_over_tls(
         assert client.score_rows(MODEL_NAME, raw).version == 1
     with ScoringClient(server.address, timeout_s=5.0) as plaintext, pytest.raises(grpc.RpcError):
         plaintext.health()
+
+
+# --- quantized tables -------------------------------------------------------------------------
+def test_int8_serving_holds_uint8_tables_and_scores_close_to_fp32(
+    repo: Path, start_server: StartServer, tiny_schema: FeatureSchema, tiny_table: pa.Table
+) -> None:
+    server = start_server(repo, quantize="int8")
+    server.wait_serving()
+    raw = _inputs(tiny_schema, tiny_table)
+    with server.client() as client:
+        result = client.score_rows(MODEL_NAME, raw)
+        assert client.model_info(MODEL_NAME).table_dtype == "int8"
+    served = server.models.get(MODEL_NAME, 0).model
+    table_dtypes = {t.dtype for t in served.state_dict().values() if t.dtype == torch.uint8}
+    assert table_dtypes == {torch.uint8}
+    assert not any(isinstance(m, EmbeddingBagCollection) for m in served.modules()), (
+        "an fp32 EmbeddingBagCollection is still served"
+    )
+    fp32 = eager_scores(tiny_schema, 1, raw)
+    np.testing.assert_allclose(result.scores["ctr"], fp32, rtol=0, atol=1e-2)
+    assert not np.allclose(result.scores["ctr"], fp32, rtol=0, atol=1e-9)  # really quantized
