@@ -32,15 +32,18 @@ demo: setup
 		--set output.run_root=$(DEMO_DIR)/runs --set output.model_repo=$(DEMO_DIR)/model_repo
 	$(VENV)/bin/recsys evaluate --artifact $(DEMO_DIR)/model_repo/autoint_ml100k \
 		--split test --output $(DEMO_DIR)/eval_test
+	$(VENV)/bin/recsys verify-artifact --artifact $(DEMO_DIR)/model_repo/autoint_ml100k
+	$(PY) scripts/demo_serve.py --model-repo $(DEMO_DIR)/model_repo --model autoint_ml100k
 
 lint: setup
-	$(VENV)/bin/ruff check recsys serving training tests benchmarks
+	$(VENV)/bin/ruff check recsys serving training tests benchmarks scripts
 	$(VENV)/bin/lint-imports
 
 # The whole suite, slow end-to-end tests included (what CI runs), then the benchmark smoke runs.
 test: lint
 	$(PY) -m pytest -q --durations=15 tests
 	$(PY) benchmarks/model_quality.py --smoke --output $${TMPDIR:-/tmp}/model_quality_smoke.json
+	$(PY) benchmarks/train_throughput.py --smoke --output $${TMPDIR:-/tmp}/train_throughput_smoke.json
 
 test-fast: lint
 	$(PY) -m pytest -q -m "not slow" tests
