@@ -105,7 +105,6 @@ def serve(argv: list[str]) -> int:
     parser.add_argument(
         "--quantize",
         default=None,
-        choices=["none", "int8", "int4"],
         help="embedding tables as served: none (fp32, default), int8 or int4 (row-wise quantized)",
     )
     args = parser.parse_args(argv)
