@@ -77,13 +77,21 @@ def data(argv: list[str]) -> int:
 
 
 def train(argv: list[str]) -> int:
-    """`recsys train --config FILE [--num-workers N] [--set key=value ...]`"""
+    """`recsys train --config FILE [--num-workers N] [--address A] [--set key=value ...]`
+
+    Running it again with the same `--set output.run_name=X` and config resumes run X from its
+    latest checkpoint.
+    """
     parser = argparse.ArgumentParser(
         prog="recsys train", description="Train a model on Ray and export an artifact."
     )
     parser.add_argument("--config", type=Path, required=True, help="YAML ExperimentConfig")
     parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers")
-    parser.add_argument("--address", default=None, help="join an existing Ray cluster")
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="join an existing Ray cluster (host:port, ray://..., or auto under `ray job submit`)",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -125,6 +133,11 @@ def _print_result(result: dict[str, Any]) -> None:
         f"artifact: {result.get('artifact')} (parity max |diff| "
         f"{result.get('parity_max_abs_diff', float('nan')):.1e} on "
         f"{result.get('parity_rows')} valid rows)"
+    )
+    print(
+        f"throughput: {result.get('train_rows_per_s', float('nan')):.0f} train rows/s; "
+        f"peak memory {result.get('peak_rss_mb', float('nan')):.0f} MB "
+        f"(driver + workers)"
     )
 
 

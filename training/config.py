@@ -34,12 +34,16 @@ class DataConfig(_Strict):
         path: the prepared dataset folder; defaults to `<data_dir>/<dataset>`.
         schema_file: YAML DatasetSchema; defaults to `<path>/schema.yaml`.
         data_dir: the cache directory; defaults to `$RECSYS_DATA` or `~/.cache/recsys`.
+        chunk_rows: rows the driver reads, encodes and shuffles at a time. It bounds the
+            driver's memory whatever the split sizes; train rows are shuffled within a chunk,
+            and the shard files are read in a new random order every epoch.
     """
 
     dataset: Literal["ml100k-ctr", "synthetic-ctr", "parquet"] = "ml100k-ctr"
     path: str | None = None
     schema_file: str | None = None
     data_dir: str | None = None
+    chunk_rows: int = Field(262_144, ge=1024)
 
     @model_validator(mode="after")
     def _parquet_needs_path(self) -> DataConfig:
@@ -95,6 +99,8 @@ class RayConfig(_Strict):
         threads_per_worker: torch/OMP threads in each worker.
         address: an existing Ray cluster (`ray://` or `host:port`); None starts a local one.
         collective_timeout_s: gloo timeout, so a dead peer fails the step instead of hanging.
+        max_failures: times Ray Train restarts the worker group from the latest checkpoint
+            after a worker dies or raises (0: the first failure ends the run).
     """
 
     num_workers: int = Field(2, ge=1)
@@ -102,6 +108,7 @@ class RayConfig(_Strict):
     threads_per_worker: int = Field(1, ge=1)
     address: str | None = None
     collective_timeout_s: int = Field(300, ge=5)
+    max_failures: int = Field(2, ge=0)
 
 
 class OutputConfig(_Strict):
@@ -111,7 +118,9 @@ class OutputConfig(_Strict):
         model_name: the artifact's name under the model repository.
         model_repo: `MODEL_REPO/<model_name>/<version>/` receives the artifact.
         run_root: run folders (fitted features, encoded data, Ray's checkpoints, logs).
-        run_name: the run folder's name; defaults to `<model_name>-<timestamp>`.
+        run_name: the run folder's name; defaults to `<model_name>-<timestamp>`. Training again
+            with the same run_name and the same config resumes that run from its latest
+            checkpoint (a finished run returns its result).
     """
 
     model_name: str = Field("model", pattern=r"^[A-Za-z0-9_.-]+$")

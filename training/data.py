@@ -9,12 +9,13 @@ side tables of user and item features keyed by id, for the artifact.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -82,9 +83,9 @@ def iter_tables(
             yield pa.Table.from_batches([batch])
 
 
-def fit_features(data: SplitFiles) -> FeatureSchema:
-    """Fits the FeatureSchema on the train split only."""
-    return fit_feature_schema(data.schema, iter_tables(data.files["train"]))
+def fit_features(data: SplitFiles, chunk_rows: int = 1 << 16) -> FeatureSchema:
+    """Fits the FeatureSchema on the train split only, streaming `chunk_rows` rows at a time."""
+    return fit_feature_schema(data.schema, iter_tables(data.files["train"], batch_rows=chunk_rows))
 
 
 def encode_splits(
@@ -92,13 +93,16 @@ def encode_splits(
     features: FeatureSchema,
     out_dir: Path,
     seed: int,
+    chunk_rows: int = 1 << 18,
     rows_per_shard: int = 16_384,
     show_progress: bool = False,
 ) -> dict[str, Path]:
     """Encodes every split into `out_dir/<split>/part-*.parquet`; returns the split folders.
 
-    Train rows are shuffled with `seed` within each chunk of `shuffle_rows` and written as
-    shards of `rows_per_shard`, so reading files in a random order mixes users and items.
+    Splits are read `chunk_rows` rows at a time, so memory does not grow with their size.
+    Train rows are shuffled with `seed` within each chunk and written as shards of
+    `rows_per_shard`, so reading files in a random order mixes users and items. Valid and test
+    keep their row order (shards numbered in order).
     """
     rng = np.random.default_rng(seed)
     folders = {}
@@ -106,7 +110,7 @@ def encode_splits(
         folder = out_dir / split
         folder.mkdir(parents=True, exist_ok=True)
         row_offset, shard = 0, 0
-        total = sum(pq.ParquetFile(f).metadata.num_rows for f in data.files[split])
+        total = count_rows(data.files[split])
         bar = tqdm(
             total=total,
             desc=f"encode {split}",
@@ -114,8 +118,7 @@ def encode_splits(
             disable=not show_progress,
             mininterval=1.0,
         )
-        # Chunks of up to 1M rows: big enough to mix rows well, small enough to bound memory.
-        for table in iter_tables(data.files[split], batch_rows=1 << 20):
+        for table in iter_tables(data.files[split], batch_rows=chunk_rows):
             encoded = features.encode(table, where=f"{split} split")
             encoded = encoded.append_column(
                 ROW_COLUMN, pa.array(np.arange(row_offset, row_offset + table.num_rows))
@@ -137,16 +140,52 @@ def encode_splits(
     return folders
 
 
-def side_tables(data: SplitFiles) -> dict[str, pa.Table]:
-    """User and item features keyed by id, from every split (entity attributes, not labels)."""
+def side_tables(data: SplitFiles, chunk_rows: int = 1 << 18) -> dict[str, pa.Table]:
+    """User and item features keyed by id, from every split (entity attributes, not labels).
+
+    Each id keeps the features of its first row (train, then valid, then test, in file order).
+    Streams the splits `chunk_rows` rows at a time: memory grows with the number of distinct
+    ids, not with the number of rows.
+    """
     tables = {}
     for entity_name, entity in (("user", data.schema.user), ("item", data.schema.item)):
         if entity is None:
             continue
         columns = [entity.id_column, *entity.feature_columns]
-        parts = [t for s in SPLITS for t in iter_tables(data.files[s], columns=columns)]
-        table = pa.concat_tables(parts)
-        ids = table[entity.id_column].to_numpy(zero_copy_only=False)
-        _, first = np.unique(ids, return_index=True)
-        tables[entity_name] = table.take(pa.array(np.sort(first)))
-    return tables
+        kept: list[pa.Table] = []
+        seen: pa.Array | None = None  # ids kept so far
+        for split in SPLITS:
+            for table in iter_tables(data.files[split], columns=columns, batch_rows=chunk_rows):
+                ids = table[entity.id_column].combine_chunks()
+                _, first = np.unique(ids.to_numpy(zero_copy_only=False), return_index=True)
+                new = table.take(pa.array(np.sort(first)))
+                if seen is not None:
+                    new = new.filter(pc.invert(pc.is_in(new[entity.id_column], value_set=seen)))
+                if new.num_rows:
+                    kept.append(new)
+                    added = new[entity.id_column].combine_chunks()
+                    seen = added if seen is None else pa.concat_arrays([seen, added])
+        tables[entity_name] = pa.concat_tables(kept).combine_chunks() if kept else None
+    return {k: v for k, v in tables.items() if v is not None}
+
+
+def count_rows(files: list[Path]) -> int:
+    """Rows in Parquet files, from their footers."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def rebatch(tables: Iterable[pa.Table], batch_rows: int) -> Iterator[pa.Table]:
+    """Re-cuts a stream of tables into tables of exactly `batch_rows` rows, in order (the last
+    one may be shorter); holds at most about two batches at a time."""
+    pending: list[pa.Table] = []
+    held = 0
+    for table in tables:
+        pending.append(table)
+        held += table.num_rows
+        while held >= batch_rows:
+            joined = pa.concat_tables(pending)
+            yield joined.slice(0, batch_rows).combine_chunks()
+            rest = joined.slice(batch_rows)
+            pending, held = [rest], rest.num_rows
+    if held:
+        yield pa.concat_tables(pending).combine_chunks()

@@ -11,6 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import resource
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,14 @@ from recsys.errors import ConfigError, DataError
 from recsys.features.schema import FeatureSchema
 from recsys.metrics import auc, binary_metrics
 from training.config import ExperimentConfig
-from training.data import encode_splits, fit_features, locate_dataset, side_tables, split_files
+from training.data import (
+    count_rows,
+    encode_splits,
+    fit_features,
+    locate_dataset,
+    side_tables,
+    split_files,
+)
 from training.loop import RESULT_FILE, RunPaths
 
 logger = logging.getLogger(__name__)
@@ -31,46 +41,149 @@ logger = logging.getLogger(__name__)
 PROB_PREFIX = "p_"
 
 
+PREPARED_FILE = "prepared.json"
+CONFIG_FILE = "config.json"
+# Settings that say where and how robustly a run executes, not what it computes: a stopped run
+# may be resumed with other values of these.
+RESUMABLE_WITH_OTHER = ("ray.address", "ray.collective_timeout_s", "ray.max_failures")
+
+
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Runs one training job end to end; returns the final report."""
+    """Runs one training job end to end; returns the final report.
+
+    Training again with the same `output.run_name` and config resumes the run: the prepared
+    data in its folder is reused and Ray Train restarts from the latest checkpoint. A run that
+    already finished returns its result.
+    """
     from training.ray_runner import run_trainer
 
+    cfg, run_dir = resolve_run(cfg)
+    result_file = run_dir / RESULT_FILE
+    if result_file.exists():
+        logger.info("run %s already finished; its result is %s", run_dir.name, result_file)
+        return dict(json.loads(result_file.read_text()))
+    paths = prepare_run(cfg, run_dir)
+    prepare_peak_rss_mb = _peak_rss_mb()  # data preparation only: before Ray starts here
+    run_trainer(cfg, paths)
+    if not result_file.exists():
+        raise RuntimeError(f"train: the run ended without writing {result_file}")
+    result = dict(json.loads(result_file.read_text()))
+    # Peak memory of the whole job: this driver (data preparation) plus every train worker.
+    result["prepare_peak_rss_mb"] = prepare_peak_rss_mb
+    result["driver_peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = result["driver_peak_rss_mb"] + sum(result["worker_peak_rss_mb"])
+    result_file.write_text(json.dumps(result, indent=2))
+    logger.info(
+        "throughput train_rows_per_s=%.0f peak_rss_mb=%.0f (driver %.0f, workers %s)",
+        result["train_rows_per_s"],
+        result["peak_rss_mb"],
+        result["driver_peak_rss_mb"],
+        " ".join(f"{m:.0f}" for m in result["worker_peak_rss_mb"]),
+    )
+    return result
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def resolve_run(cfg: ExperimentConfig) -> tuple[ExperimentConfig, Path]:
+    """Makes the output paths absolute, names the run, and claims its folder.
+
+    A new folder gets the config; an existing one must hold the same config (but for
+    RESUMABLE_WITH_OTHER), which is how a stopped run is resumed.
+
+    Raises:
+        ConfigError: the run folder holds a run with a different config.
+    """
     # Workers run in their own working directory: every path they see must be absolute.
+    run_name = cfg.output.run_name or (
+        f"{cfg.output.model_name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    )
     output = cfg.output.model_copy(
         update={
             "model_repo": str(Path(cfg.output.model_repo).resolve()),
             "run_root": str(Path(cfg.output.run_root).resolve()),
+            "run_name": run_name,
         }
     )
     cfg = cfg.model_copy(update={"output": output})
-    data = locate_dataset(cfg.data)
-    run_name = cfg.output.run_name or (
-        f"{cfg.output.model_name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    )
     run_dir = Path(cfg.output.run_root) / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    logger.info("run folder %s", run_dir)
+    config_file = run_dir / CONFIG_FILE
+    if config_file.exists():
+        stored = ExperimentConfig.model_validate_json(config_file.read_text())
+        changed = _config_changes(stored, cfg)
+        if changed:
+            raise ConfigError(
+                f"train: run folder {run_dir} holds a run with another config ("
+                + "; ".join(changed)
+                + "); resume it with the same config, or pick another output.run_name"
+            )
+        logger.info("resuming run %s", run_dir)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(cfg.model_dump_json(indent=2))
+        logger.info("run folder %s", run_dir)
+    return cfg, run_dir
 
-    features = fit_features(data)
-    features.save(run_dir / "features")
-    encode_splits(data, features, run_dir / "encoded", seed=cfg.train.seed, show_progress=True)
-    side_dir = run_dir / "side"
-    side_dir.mkdir(exist_ok=True)
-    for entity, table in side_tables(data).items():
-        pq.write_table(table, side_dir / f"{entity}.parquet")
+
+def _config_changes(stored: ExperimentConfig, new: ExperimentConfig) -> list[str]:
+    before, after = _flat(stored.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
+    return [
+        f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+        for key in sorted(before.keys() | after.keys())
+        if key not in RESUMABLE_WITH_OTHER and before.get(key) != after.get(key)
+    ]
+
+
+def _flat(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def prepare_run(cfg: ExperimentConfig, run_dir: Path) -> RunPaths:
+    """Fits features on train, encodes the splits and writes the side tables into the run
+    folder, streaming (memory bounded by `data.chunk_rows`), unless a previous attempt of the
+    same run finished doing so."""
+    data = locate_dataset(cfg.data)
     paths = RunPaths(
         run_dir=str(run_dir.resolve()),
         features_dir=str((run_dir / "features").resolve()),
         encoded_dir=str((run_dir / "encoded").resolve()),
         raw_root=str(data.root.resolve()),
-        side_dir=str(side_dir.resolve()),
+        side_dir=str((run_dir / "side").resolve()),
     )
-    run_trainer(cfg, paths)
-    result_file = run_dir / RESULT_FILE
-    if not result_file.exists():
-        raise RuntimeError(f"train: the run ended without writing {result_file}")
-    return dict(json.loads(result_file.read_text()))
+    marker = run_dir / PREPARED_FILE
+    if marker.exists():
+        logger.info("reusing the features and encoded splits prepared in %s", run_dir)
+        return paths
+    for folder in (paths.features_dir, paths.encoded_dir, paths.side_dir):
+        shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted preparation
+    started = time.perf_counter()
+    features = fit_features(data, chunk_rows=cfg.data.chunk_rows)
+    features.save(Path(paths.features_dir))
+    encode_splits(
+        data,
+        features,
+        Path(paths.encoded_dir),
+        seed=cfg.train.seed,
+        chunk_rows=cfg.data.chunk_rows,
+        show_progress=True,
+    )
+    side_dir = Path(paths.side_dir)
+    side_dir.mkdir()
+    for entity, table in side_tables(data, chunk_rows=cfg.data.chunk_rows).items():
+        pq.write_table(table, side_dir / f"{entity}.parquet")
+    rows = {split: count_rows(files) for split, files in data.files.items()}
+    marker.write_text(json.dumps({"rows": rows, "seconds": time.perf_counter() - started}))
+    logger.info("prepared %s in %.1fs", rows, time.perf_counter() - started)
+    return paths
 
 
 class _BatchScorer:

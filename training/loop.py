@@ -1,30 +1,35 @@
 """`train_loop_per_worker`: what each Ray Train worker runs, top to bottom.
 
 typed config -> fitted features -> model (tables on meta, then sharded by TorchRec DMP over
-gloo) -> fused row-wise Adagrad on tables + Adam on dense parameters -> epochs over this
-worker's shard of the train split (Ray Data) -> distributed evaluation on valid (every row once,
-gathered) -> one broadcast early-stopping decision -> rank 0 gathers full tables of the best
-epoch, scores test, exports the artifact and rescored valid rows from it as a parity check.
+gloo) -> fused row-wise Adagrad on tables + Adam on dense parameters -> resume from Ray Train's
+latest checkpoint if there is one -> epochs over this worker's shard of the train split (Ray
+Data) -> distributed evaluation on valid (streamed from Parquet, every row once, gathered) ->
+one broadcast early-stopping decision -> a checkpoint reported with the epoch's metrics ->
+rank 0 exports the best epoch's full state, scores test and rescored valid rows from the
+artifact as a parity check; the result (with rows/s and peak memory) goes to the run folder.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import resource
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 import ray.train
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
+from ray.train import Checkpoint
 
 from recsys.artifact import load_artifact, score_table, write_artifact
 from recsys.embeddings import build_embedding
@@ -33,8 +38,23 @@ from recsys.features.schema import FeatureSchema
 from recsys.metrics import binary_metrics
 from recsys.models.outputs import CTRModel
 from recsys.models.registry import build_model
+from training.checkpoint import (
+    Progress,
+    best_valid_sample,
+    checkpoint_folder,
+    restore_checkpoint,
+    save_checkpoint,
+    set_lr_scale,
+)
 from training.config import ExperimentConfig
-from training.data import GROUP_COLUMN, ROW_COLUMN, iter_tables, split_files
+from training.data import (
+    GROUP_COLUMN,
+    ROW_COLUMN,
+    count_rows,
+    iter_tables,
+    rebatch,
+    split_files,
+)
 from training.early_stopping import EarlyStopping
 from training.sharding import gather_full_state, shard_model
 
@@ -62,14 +82,19 @@ class EvalResult:
     probs: dict[str, np.ndarray]  # task -> probabilities in row order
 
 
-def report(kind: str, metrics: dict[str, Any], rank: int) -> None:
-    """The one progress path: a log line on rank 0; eval lines also go to Ray Train (all ranks
-    call it the same number of times, as Ray Train's report is a barrier)."""
+def report(
+    kind: str, metrics: dict[str, Any], rank: int, checkpoint_dir: Path | None = None
+) -> None:
+    """The one progress path: a log line on rank 0; eval lines (with the epoch's checkpoint) and
+    the final line also go to Ray Train. Every rank calls it the same number of times, as Ray
+    Train's report is a barrier."""
     if rank == 0:
         body = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
         logger.info("%-5s %s", kind, body)
     if kind in ("eval", "final"):
-        ray.train.report({"kind": kind, **metrics})
+        checkpoint = None if checkpoint_dir is None else Checkpoint.from_directory(checkpoint_dir)
+        name = f"epoch-{metrics['epoch']:04d}" if checkpoint is not None else None
+        ray.train.report({"kind": kind, **metrics}, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
 def _fmt(value: Any) -> str:
@@ -81,15 +106,11 @@ def _fmt(value: Any) -> str:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = ExperimentConfig.model_validate(config["experiment"])
     paths = RunPaths.model_validate(config["paths"])
+    run_dir = Path(paths.run_dir)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     if rank == 0:
-        # A worker process is an entry point: rank 0 logs to the driver's output (Ray forwards
-        # it) and to LOG_FILE in the run folder, so the log outlives the session.
-        logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-        file_handler = logging.FileHandler(Path(paths.run_dir) / LOG_FILE)
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        logger.addHandler(file_handler)
+        _log_to_run_folder(run_dir)
     torch.set_num_threads(cfg.ray.threads_per_worker)
     torch.manual_seed(cfg.train.seed)
 
@@ -101,103 +122,133 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         logger.info("sharding plan:\n%s", plan)
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    loaded_at = time.perf_counter()
-    valid = _load_eval_split("valid")
-    if rank == 0:
-        logger.info(
-            "valid split loaded: %d rows in %.1fs", valid.num_rows, time.perf_counter() - loaded_at
-        )
-    stopper = EarlyStopping(cfg.train.patience)
+    progress = Progress(EarlyStopping(cfg.train.patience))
     best_state: dict[str, torch.Tensor] | None = None
-    best_valid: EvalResult | None = None
-    step, started = 0, time.perf_counter()
-    for epoch in range(1, cfg.train.max_epochs + 1):
-        dmp.train()
-        epoch_start, epoch_rows, loss_sum = time.perf_counter(), 0, 0.0
-        shard = ray.train.get_dataset_shard("train")
-        batches = shard.iter_batches(
-            batch_size=cfg.train.batch_size,
-            batch_format="pyarrow",
-            drop_last=True,
-            local_shuffle_buffer_size=4 * cfg.train.batch_size,
-            local_shuffle_seed=cfg.train.seed + epoch * 1000 + rank,
-        )
-        for epoch_steps, table in enumerate(batches, start=1):
-            batch = batch_from_encoded(schema, table)
-            output = dmp(batch.features)
-            loss = model.loss(output, batch.labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            step += 1
-            epoch_rows += batch.batch_size
-            loss_sum += float(loss.detach())
-            if step % cfg.train.log_every_steps == 0:
-                elapsed = time.perf_counter() - epoch_start
-                report(
-                    "train",
-                    {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": loss_sum / epoch_steps,
-                        "ex_per_s": epoch_rows * world / max(elapsed, 1e-9),
-                        "lr": optimizer.param_groups[-1]["lr"],
-                    },
-                    rank,
-                )
-        train_s = time.perf_counter() - epoch_start
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        restored = restore_checkpoint(checkpoint, dmp, optimizer, initial_lrs, run_dir)
+        progress, best_state = restored.progress, restored.best_state
 
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    valid_files = split_files(Path(paths.encoded_dir), "valid")
+    valid_rows = count_rows(valid_files)
+    while not progress.stopped and progress.epoch < cfg.train.max_epochs:
+        epoch, epoch_start = progress.epoch + 1, time.perf_counter()
+        rows, train_s = _train_epoch(dmp, model, optimizer, schema, cfg, epoch, progress, rank)
         result = evaluate_distributed(
-            dmp, model, schema, valid, cfg.train.eval_batch_size, rank, world
+            dmp,
+            model,
+            schema,
+            rebatch(iter_tables(valid_files), cfg.train.eval_batch_size),
+            valid_rows,
+            cfg.train.eval_batch_size,
+            rank,
+            world,
         )
-        improved = stopper.update(result.metrics["auc"], epoch)
+        improved = progress.stopper.update(result.metrics["auc"], epoch)
         if not improved:
             # reduce on plateau: the same decision on every rank (metrics were gathered)
-            for group, initial in zip(optimizer.param_groups, initial_lrs, strict=True):
-                scaled = group["lr"] * cfg.train.lr_decay_on_plateau
-                group["lr"] = max(scaled, initial * cfg.train.min_lr_scale)
+            scaled = progress.lr_scale * cfg.train.lr_decay_on_plateau
+            progress.lr_scale = max(scaled, cfg.train.min_lr_scale)
+            set_lr_scale(optimizer, initial_lrs, progress.lr_scale)
         # One decision for all ranks: rank 0's, broadcast (ranks computed the same metrics,
         # but a broadcast makes disagreement impossible rather than unlikely).
-        decision = torch.tensor([int(stopper.should_stop)])
+        decision = torch.tensor([int(progress.stopper.should_stop)])
         dist.broadcast(decision, src=0)
         if improved:
             best_state = gather_full_state(dmp, rank)
-            best_valid = result
-        report(
-            "eval",
-            {
-                "epoch": epoch,
-                "auc": result.metrics["auc"],
-                "logloss": result.metrics["logloss"],
-                "best_auc": stopper.best,
-                "patience": f"{stopper.bad_epochs}/{cfg.train.patience}",
-                "train_s": train_s,
-                "train_ex_per_s": epoch_rows * world / max(train_s, 1e-9),
-            },
-            rank,
-        )
-        if bool(decision.item()):
-            break
+            progress.best_valid = best_valid_sample(
+                result.metrics, result.rows, result.probs, cfg.train.parity_rows
+            )
+        progress.epoch, progress.stopped = epoch, bool(decision.item())
+        progress.train_rows += rows * world
+        progress.train_s += train_s
+        progress.wall_s += time.perf_counter() - epoch_start
+        metrics = {
+            "epoch": epoch,
+            "auc": result.metrics["auc"],
+            "logloss": result.metrics["logloss"],
+            "best_auc": progress.stopper.best,
+            "patience": f"{progress.stopper.bad_epochs}/{cfg.train.patience}",
+            "train_s": train_s,
+            "train_ex_per_s": rows * world / max(train_s, 1e-9),
+        }
+        with checkpoint_folder(epoch) as folder:
+            save_checkpoint(folder, dmp, optimizer, progress, best_state, run_dir)
+            report("eval", metrics, rank, checkpoint_dir=folder)
 
     final: list[dict[str, Any] | None] = [None]
     if rank == 0:
-        assert best_state is not None and best_valid is not None
-        final[0] = _finish_on_rank0(
-            cfg, paths, schema, best_state, best_valid, stopper, time.perf_counter() - started
-        )
-        (Path(paths.run_dir) / RESULT_FILE).write_text(json.dumps(final[0], indent=2))
+        assert best_state is not None and progress.best_valid is not None
+        final[0] = _finish_on_rank0(cfg, paths, schema, best_state, progress)
+    peak_rss: list[Any] = [None] * world
+    dist.all_gather_object(peak_rss, _peak_rss_mb())
+    if rank == 0:
+        assert final[0] is not None
+        final[0]["worker_peak_rss_mb"] = peak_rss
+        (run_dir / RESULT_FILE).write_text(json.dumps(final[0], indent=2))
     dist.broadcast_object_list(final, src=0)
     report("final", final[0] or {}, rank)
 
 
-def _load_eval_split(name: str) -> pa.Table:
-    """Every worker materialises the whole (small) eval split, sorted by row index, so all
-    ranks agree on its batches without depending on Ray Data's block order."""
-    shard = ray.train.get_dataset_shard(name)
-    tables = list(shard.iter_batches(batch_size=None, batch_format="pyarrow"))
-    table = pa.concat_tables(tables)
-    return table.take(pc.sort_indices(table[ROW_COLUMN]))
+def _log_to_run_folder(run_dir: Path) -> None:
+    # A worker process is an entry point: rank 0 logs to the driver's output (Ray forwards it)
+    # and to LOG_FILE in the run folder, so the log outlives the session.
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    file_handler = logging.FileHandler(run_dir / LOG_FILE)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(file_handler)
+
+
+def _train_epoch(
+    dmp: torch.nn.Module,
+    model: CTRModel,
+    optimizer: torch.optim.Optimizer,
+    schema: FeatureSchema,
+    cfg: ExperimentConfig,
+    epoch: int,
+    progress: Progress,
+    rank: int,
+) -> tuple[int, float]:
+    """One pass over this worker's shard of train; returns (rows on this rank, seconds)."""
+    dmp.train()
+    world = dist.get_world_size()
+    epoch_start, epoch_rows, loss_sum = time.perf_counter(), 0, 0.0
+    batches = ray.train.get_dataset_shard("train").iter_batches(
+        batch_size=cfg.train.batch_size,
+        batch_format="pyarrow",
+        drop_last=True,
+        local_shuffle_buffer_size=4 * cfg.train.batch_size,
+        local_shuffle_seed=cfg.train.seed + epoch * 1000 + rank,
+    )
+    for epoch_steps, table in enumerate(batches, start=1):
+        batch = batch_from_encoded(schema, table)
+        loss = model.loss(dmp(batch.features), batch.labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        progress.step += 1
+        epoch_rows += batch.batch_size
+        loss_sum += float(loss.detach())
+        if progress.step % cfg.train.log_every_steps == 0:
+            elapsed = time.perf_counter() - epoch_start
+            report(
+                "train",
+                {
+                    "step": progress.step,
+                    "epoch": epoch,
+                    "loss": loss_sum / epoch_steps,
+                    "ex_per_s": epoch_rows * world / max(elapsed, 1e-9),
+                    "lr": optimizer.param_groups[-1]["lr"],
+                },
+                rank,
+            )
+    return epoch_rows, time.perf_counter() - epoch_start
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @torch.no_grad()
@@ -205,27 +256,34 @@ def evaluate_distributed(
     dmp: torch.nn.Module,
     model: CTRModel,
     schema: FeatureSchema,
-    table: pa.Table,
+    batches: Iterable[pa.Table],
+    num_rows: int,
     batch_size: int,
     rank: int,
     world: int,
 ) -> EvalResult:
-    """Scores every row of `table` exactly once across ranks and gathers the predictions.
+    """Scores every row of a split exactly once across ranks and gathers the predictions.
 
-    Batch i is scored by rank i % world; ranks with fewer batches repeat their last batch and
-    drop its output, because the sharded tables need every rank in every forward pass. Every
-    forward pass has exactly `batch_size` rows (a short last batch is padded by repeating its
-    rows), so all ranks send equal batches through the embedding all-to-all, as in training.
+    `batches` streams the encoded split in row order, `batch_size` rows each (the last may be
+    shorter), with a `__row__` column numbering its `num_rows` rows from 0. Every rank reads the
+    stream and scores batch i when i % world == rank, so memory is bounded by a batch plus the
+    gathered predictions. Ranks with fewer batches repeat one and drop its output, because the
+    sharded tables need every rank in every forward pass; every forward pass has exactly
+    `batch_size` rows (a short batch is padded by repeating its rows), so all ranks send equal
+    batches through the embedding all-to-all, as in training.
     """
     dmp.eval()
-    num_batches = -(-table.num_rows // batch_size)
-    mine = list(range(rank, num_batches, world))
+    num_batches = -(-num_rows // batch_size)
     per_rank = -(-num_batches // world)
+    stream = iter(batches)
     rows, probs = [], {t: [] for t in model.served_tasks}
-    for i in range(per_rank):
-        real = i < len(mine)
-        index = mine[i] if real else (mine[-1] if mine else 0)
-        chunk = table.slice(index * batch_size, batch_size)
+    columns: list[pa.Table] = []  # labels and GAUC groups of the rows scored here
+    previous: pa.Table | None = None
+    for _ in range(per_rank):
+        group = list(itertools.islice(stream, world))
+        real = rank < len(group)
+        chunk = group[rank] if real else (previous if previous is not None else group[0])
+        previous = chunk
         size = chunk.num_rows
         if size < batch_size:
             chunk = chunk.take(pa.array(np.arange(batch_size) % size))
@@ -234,19 +292,28 @@ def evaluate_distributed(
             rows.append(chunk[ROW_COLUMN].to_numpy()[:size])
             for task, p in output.items():
                 probs[task].append(p.numpy()[:size])
+            keep = [c for c in (*_label_names(schema), GROUP_COLUMN) if c in chunk.column_names]
+            columns.append(chunk.slice(0, size).select(keep))
     local = (
         np.concatenate(rows) if rows else np.zeros(0, np.int64),
         {t: np.concatenate(v) if v else np.zeros(0) for t, v in probs.items()},
+        pa.concat_tables(columns) if columns else None,
     )
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, local)
     all_rows = np.concatenate([g[0] for g in gathered])
-    order = np.argsort(all_rows)
+    order = np.argsort(all_rows, kind="stable")
     all_probs = {t: np.concatenate([g[1][t] for g in gathered])[order] for t in probs}
     sorted_rows = all_rows[order]
-    if not np.array_equal(sorted_rows, table[ROW_COLUMN].to_numpy()):
+    if not np.array_equal(sorted_rows, np.arange(num_rows)):
         raise RuntimeError("evaluation: gathered rows do not cover the split exactly once")
-    return EvalResult(split_metrics(schema, table, all_probs), sorted_rows, all_probs)
+    labels = pa.concat_tables([g[2] for g in gathered if g[2] is not None])
+    labels = labels.take(pa.array(order))
+    return EvalResult(split_metrics(schema, labels, all_probs), sorted_rows, all_probs)
+
+
+def _label_names(schema: FeatureSchema) -> list[str]:
+    return [label.name for label in schema.dataset.labels]
 
 
 def split_metrics(
@@ -277,23 +344,21 @@ def _finish_on_rank0(
     paths: RunPaths,
     schema: FeatureSchema,
     best_state: dict[str, torch.Tensor],
-    best_valid: EvalResult,
-    stopper: EarlyStopping,
-    train_wall_s: float,
+    progress: Progress,
 ) -> dict[str, Any]:
     """Rebuilds the best epoch's model unsharded, scores test, exports, checks parity."""
+    best_valid, stopper = progress.best_valid, progress.stopper
+    assert best_valid is not None
     model = build_model(cfg.model, build_embedding(schema, cfg.embedding), schema)
     model.load_state_dict(best_state)
     model.eval()
     raw_root = Path(paths.raw_root)
-    test_raw = pa.concat_tables(list(iter_tables(split_files(raw_root, "test"))))
-    test_probs = {t: p.numpy() for t, p in score_table(model, schema, test_raw).items()}
-    test_metrics = split_metrics(schema, test_raw, test_probs)
+    test_metrics = _score_split_streaming(model, schema, split_files(raw_root, "test"), cfg)
     metrics = {
         "best_epoch": stopper.best_epoch,
         "valid": best_valid.metrics,
         "test": test_metrics,
-        "train_wall_s": train_wall_s,
+        "train_wall_s": progress.wall_s,
         "data": {"dataset": cfg.data.dataset, "path": str(raw_root.resolve())},
         "num_workers": cfg.ray.num_workers,
     }
@@ -313,12 +378,12 @@ def _finish_on_rank0(
     # Parity: rescore the first valid rows from the artifact as written to disk, through the
     # raw-rows path, and compare with what the sharded model predicted at the best epoch.
     loaded = load_artifact(artifact_dir)
-    n = min(cfg.train.parity_rows, len(best_valid.rows))
-    valid_raw = pa.concat_tables(list(iter_tables(split_files(raw_root, "valid"))))
-    sample = valid_raw.take(pa.array(best_valid.rows[:n]))
+    n = len(best_valid.rows)
+    head = next(rebatch(iter_tables(split_files(raw_root, "valid"), batch_rows=n), n))
+    sample = head.take(pa.array(best_valid.rows))
     rescored = score_table(loaded.model, loaded.schema, sample)
     max_diff = max(
-        float(np.abs(rescored[t].numpy() - best_valid.probs[t][:n]).max()) for t in rescored
+        float(np.abs(rescored[t].numpy() - np.asarray(best_valid.probs[t])).max()) for t in rescored
     )
     if max_diff > 1e-5:
         raise RuntimeError(
@@ -328,10 +393,32 @@ def _finish_on_rank0(
     return {
         "artifact": str(artifact_dir),
         "best_epoch": stopper.best_epoch,
+        "epochs": progress.epoch,
         "valid_auc": best_valid.metrics["auc"],
         "valid_logloss": best_valid.metrics["logloss"],
         "test_auc": test_metrics["auc"],
         "test_logloss": test_metrics["logloss"],
         "parity_max_abs_diff": max_diff,
         "parity_rows": n,
+        "train_rows": progress.train_rows,
+        "train_rows_per_s": progress.train_rows / max(progress.train_s, 1e-9),
+        "train_wall_s": progress.wall_s,
     }
+
+
+def _score_split_streaming(
+    model: CTRModel, schema: FeatureSchema, files: list[Path], cfg: ExperimentConfig
+) -> dict[str, float]:
+    """Metrics of an unsharded model on raw Parquet rows, read a batch at a time (only the
+    probabilities, labels and user ids of the split are kept)."""
+    keep = _label_names(schema)
+    if schema.dataset.user is not None:
+        keep.append(schema.dataset.user.id_column)
+    probs: dict[str, list[np.ndarray]] = {t: [] for t in model.served_tasks}
+    columns = []
+    for table in iter_tables(files, batch_rows=cfg.train.eval_batch_size):
+        for task, p in score_table(model, schema, table, cfg.train.eval_batch_size).items():
+            probs[task].append(p.numpy())
+        columns.append(table.select([c for c in keep if c in table.column_names]))
+    merged = {t: np.concatenate(v) for t, v in probs.items()}
+    return split_metrics(schema, pa.concat_tables(columns), merged)

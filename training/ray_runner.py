@@ -1,7 +1,10 @@
 """The only place that builds a Ray Train `TorchTrainer`.
 
-Starts (or joins) Ray, builds the Ray Data datasets of the encoded splits, and runs
-`train_loop_per_worker` on `num_workers` workers with gloo (CPU) or nccl (GPU).
+Starts (or joins) Ray, builds the Ray Data dataset of the encoded train split, and runs
+`train_loop_per_worker` on `num_workers` workers with gloo (CPU) or nccl (GPU). Checkpoints
+live under `<run_root>/_ray/<run_name>/`: Ray Train restarts the worker group from the latest
+one after a failure (up to `ray.max_failures` times), and a new `fit()` with the same run name
+resumes from it.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import ray
 import ray.data
-from ray.train import DataConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from training.config import ExperimentConfig
@@ -32,9 +35,12 @@ def ensure_ray(address: str | None, num_workers: int, cpus_per_worker: float) ->
     # Workers reserve fractional CPUs; advertise at least 4 logical CPUs so that read tasks
     # (1 CPU each by default) can run beside them on a 2-core machine (DESIGN.md pitfalls).
     logical = max(4, int(num_workers * cpus_per_worker) + 2, os.cpu_count() or 1)
+    # The dashboard serves the state API, which Ray Train's placement-group cleaner polls (it
+    # warns every few seconds without it); it listens on loopback only.
     ray.init(
         num_cpus=logical,
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         log_to_driver=True,
         configure_logging=True,
         logging_level=logging.WARNING,
@@ -49,15 +55,20 @@ def _quiet_data_context() -> None:
     context.print_on_execution_start = False
 
 
+def ray_storage_path(run_dir: Path) -> Path:
+    """Ray Train's storage folder for the runs under run_dir's parent (checkpoints of run X
+    are in `<storage>/X/`)."""
+    return run_dir.resolve().parent / "_ray"
+
+
 def run_trainer(cfg: ExperimentConfig, paths: RunPaths) -> None:
     """Runs distributed training; rank 0 writes the final report into the run folder."""
     ensure_ray(cfg.ray.address, cfg.ray.num_workers, cfg.ray.cpus_per_worker)
     _quiet_data_context()
+    # Only train goes through Ray Data (each worker gets its shard); every worker streams
+    # valid from the run folder in row order, as distributed evaluation needs.
     encoded = Path(paths.encoded_dir)
-    datasets = {
-        "train": ray.data.read_parquet(str(encoded / "train"), shuffle="files"),
-        "valid": ray.data.read_parquet(str(encoded / "valid")),
-    }
+    datasets = {"train": ray.data.read_parquet(str(encoded / "train"), shuffle="files")}
     env = {
         "OMP_NUM_THREADS": str(cfg.ray.threads_per_worker),
         "MKL_NUM_THREADS": str(cfg.ray.threads_per_worker),
@@ -75,7 +86,9 @@ def run_trainer(cfg: ExperimentConfig, paths: RunPaths) -> None:
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             name=Path(paths.run_dir).name,
-            storage_path=str(Path(paths.run_dir).resolve().parent / "_ray"),
+            storage_path=str(ray_storage_path(Path(paths.run_dir))),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": env},
         ),
     )

@@ -4,6 +4,10 @@ Run by tests/training/test_sharding.py as a subprocess (`python dist_check.py OU
 spawned ranks import nothing from pytest. OUT_DIR must hold `features/` (a saved FeatureSchema)
 and `train.parquet`/`valid.parquet` (raw rows). Each rank writes `rank<r>.pt` with its plan,
 local shards, dense parameters, eval results; rank 0 also writes the gathered full state.
+
+Then the ranks checkpoint (torch.distributed.checkpoint into OUT_DIR/ckpt), restore into a
+freshly built model and optimizer, and train the original and the restored copy on the same
+batches: the record holds the digests saved and restored and of both copies afterwards.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,33 +41,53 @@ def _run(rank: int, out_dir: str, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    from ray.train import Checkpoint
+
     from recsys.embeddings import build_embedding
     from recsys.features.batch import batch_from_encoded
     from recsys.features.schema import FeatureSchema
     from recsys.models.registry import build_model
+    from training.checkpoint import (
+        Progress,
+        restore_checkpoint,
+        save_checkpoint,
+        set_lr_scale,
+        state_digest,
+    )
     from training.config import load_config
-    from training.data import ROW_COLUMN
+    from training.data import ROW_COLUMN, rebatch
+    from training.early_stopping import EarlyStopping
     from training.loop import evaluate_distributed
     from training.sharding import gather_full_state, shard_model
 
     out = Path(out_dir)
     cfg = load_config(None, ["model.num_layers=2", "embedding.dim=8", "model.attention_dim=16"])
     schema = FeatureSchema.load(out / "features")
-    model = build_model(
-        cfg.model, build_embedding(schema, cfg.embedding, device=torch.device("meta")), schema
-    )
-    dmp, optimizer, plan = shard_model(model, cfg, WORLD)
+
+    def build() -> tuple[Any, Any, Any, Any]:
+        model = build_model(
+            cfg.model, build_embedding(schema, cfg.embedding, device=torch.device("meta")), schema
+        )
+        return model, *shard_model(model, cfg, WORLD)
+
+    def train_steps(model: Any, dmp: Any, optimizer: Any, steps: range) -> None:
+        for step in steps:
+            # each rank trains on its own rows, as Ray Data's split gives it
+            rows = train.slice(((step * WORLD + rank) * BATCH) % train.num_rows, BATCH)
+            batch = batch_from_encoded(schema, rows)
+            loss = model.loss(dmp(batch.features), batch.labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    model, dmp, optimizer, plan = build()
     train = schema.encode(pq.read_table(out / "train.parquet"))
-    for step in range(STEPS):
-        # each rank trains on its own rows, as Ray Data's split gives it
-        batch = batch_from_encoded(schema, train.slice((step * WORLD + rank) * BATCH, BATCH))
-        loss = model.loss(dmp(batch.features), batch.labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_steps(model, dmp, optimizer, range(STEPS))
     valid = schema.encode(pq.read_table(out / "valid.parquet"))
     valid = valid.append_column(ROW_COLUMN, pa.array(np.arange(valid.num_rows)))
-    result = evaluate_distributed(dmp, model, schema, valid, batch_size=48, rank=rank, world=WORLD)
+    result = evaluate_distributed(
+        dmp, model, schema, rebatch([valid], 48), valid.num_rows, 48, rank=rank, world=WORLD
+    )
     local_shards = {
         key: [
             (list(s.metadata.shard_offsets), list(s.metadata.shard_sizes))
@@ -75,6 +100,35 @@ def _run(rank: int, out_dir: str, port: int) -> None:
         k: v.detach().clone() for k, v in dmp.state_dict().items() if not hasattr(v, "local_shards")
     }
     full = gather_full_state(dmp, rank)
+
+    # checkpoint with a decayed learning rate, restore into a fresh copy, train both further
+    initial_lrs = [group["lr"] for group in optimizer.param_groups]
+    set_lr_scale(optimizer, initial_lrs, 0.5)
+    progress = Progress(EarlyStopping(2, best=0.7, best_epoch=3), epoch=3, step=STEPS, lr_scale=0.5)
+    (out / "ckpt").mkdir(exist_ok=True)
+    saved = save_checkpoint(out / "ckpt", dmp, optimizer, progress, full, run_dir=out)
+    dist.barrier()
+    torch.manual_seed(1)  # the fresh copy starts from other weights
+    model2, dmp2, optimizer2, _ = build()
+    fresh = state_digest(dmp2, optimizer2)
+    initial_lrs2 = [group["lr"] for group in optimizer2.param_groups]
+    restored = restore_checkpoint(
+        Checkpoint.from_directory(out / "ckpt"), dmp2, optimizer2, initial_lrs2, run_dir=out
+    )
+    train_steps(model, dmp, optimizer, range(STEPS, STEPS + 3))
+    train_steps(model2, dmp2, optimizer2, range(STEPS, STEPS + 3))
+    record_checkpoint = {
+        "saved": saved,
+        "fresh": fresh,
+        "restored": restored.digest,
+        "progress_saved": progress.to_json(),
+        "progress_restored": restored.progress.to_json(),
+        "best_state": restored.best_state,
+        "lrs": [group["lr"] for group in optimizer2.param_groups],
+        "initial_lrs": initial_lrs2,
+        "continued_original": state_digest(dmp, optimizer),
+        "continued_restored": state_digest(dmp2, optimizer2),
+    }
     record = {
         "plan": {
             table: str(p.sharding_type)
@@ -87,6 +141,7 @@ def _run(rank: int, out_dir: str, port: int) -> None:
         "probs": result.probs,
         "metrics": result.metrics,
         "full_state": full,
+        "checkpoint": record_checkpoint,
     }
     torch.save(record, out / f"rank{rank}.pt")
     dist.destroy_process_group()

@@ -88,3 +88,26 @@ def test_gathered_state_scores_like_the_sharded_model(
     with torch.no_grad():
         probs = model.probabilities(model(features_from_encoded(schema, schema.encode(valid))))
     np.testing.assert_allclose(probs["ctr"].numpy(), ranks[0]["probs"]["ctr"], atol=1e-6)
+
+
+def test_checkpoint_restores_weights_and_both_optimizers_exactly(
+    ranks: list[dict[str, Any]],
+) -> None:
+    """DCP checkpoint of sharded tables, row-wise Adagrad momentum, Adam state and the decayed
+    learning rates: a fresh copy restored from it has the saved state's digest, and training
+    both copies on the same batches keeps them bitwise equal."""
+    for record in ranks:
+        ckpt = record["checkpoint"]
+        assert ckpt["fresh"]["model"] != ckpt["saved"]["model"]  # the copy started elsewhere
+        assert ckpt["fresh"]["optimizer"] != ckpt["saved"]["optimizer"]
+        assert ckpt["restored"] == ckpt["saved"]
+        assert ckpt["continued_restored"] == ckpt["continued_original"]
+        assert ckpt["continued_original"] != ckpt["saved"]  # the extra steps did train
+        assert ckpt["progress_restored"] == ckpt["progress_saved"]
+        assert ckpt["lrs"] == [lr * 0.5 for lr in ckpt["initial_lrs"]]
+    best = ranks[0]["checkpoint"]["best_state"]
+    full = ranks[0]["full_state"]
+    assert best.keys() == full.keys()
+    for key in full:
+        torch.testing.assert_close(best[key], full[key], rtol=0, atol=0, msg=key)
+    assert ranks[1]["checkpoint"]["best_state"] is None  # kept by rank 0 only

@@ -1,0 +1,126 @@
+"""The driver's side of resuming and of bounded memory, without Ray: a run folder is claimed by
+its config (the same run name with another config is refused), prepared data is reused, and the
+streaming data preparation gives the same results as reading whole splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recsys.errors import ConfigError
+from training.config import ExperimentConfig, load_config
+from training.data import (
+    ROW_COLUMN,
+    encode_splits,
+    fit_features,
+    iter_tables,
+    locate_dataset,
+    rebatch,
+    side_tables,
+)
+from training.jobs import PREPARED_FILE, prepare_run, resolve_run
+
+
+def _config(tmp_path: Path, ml100k_dir: Path, *overrides: str) -> ExperimentConfig:
+    return load_config(
+        None,
+        [
+            f"data.path={ml100k_dir}",
+            f"output.run_root={tmp_path / 'runs'}",
+            f"output.model_repo={tmp_path / 'repo'}",
+            "output.run_name=r1",
+            *overrides,
+        ],
+    )
+
+
+def test_the_same_run_name_with_another_config_is_refused(tmp_path: Path, ml100k_dir: Path) -> None:
+    resolve_run(_config(tmp_path, ml100k_dir))
+    with pytest.raises(
+        ConfigError, match=r"another config \(model\.num_heads: 2 -> 1; train\.seed: 0 -> 1\)"
+    ):
+        resolve_run(_config(tmp_path, ml100k_dir, "train.seed=1", "model.num_heads=1"))
+
+
+def test_a_run_resumes_on_another_cluster_or_with_other_fault_settings(
+    tmp_path: Path, ml100k_dir: Path
+) -> None:
+    cfg, run_dir = resolve_run(_config(tmp_path, ml100k_dir))
+    again, same_dir = resolve_run(
+        _config(
+            tmp_path,
+            ml100k_dir,
+            "ray.address=auto",
+            "ray.max_failures=5",
+            "ray.collective_timeout_s=30",
+        )
+    )
+    assert same_dir == run_dir and again.ray.address == "auto"
+    assert cfg.output.run_name == "r1" and Path(cfg.output.run_root).is_absolute()
+
+
+def test_prepared_data_is_reused_when_the_run_resumes(tmp_path: Path, ml100k_dir: Path) -> None:
+    cfg, run_dir = resolve_run(_config(tmp_path, ml100k_dir))
+    paths = prepare_run(cfg, run_dir)
+    assert (run_dir / PREPARED_FILE).exists()
+    files = sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != PREPARED_FILE)
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    assert len(list(Path(paths.encoded_dir, "train").glob("*.parquet"))) > 1
+    assert paths == prepare_run(*resolve_run(cfg))
+    assert {p: p.stat().st_mtime_ns for p in files} == stamps  # nothing refitted or rewritten
+
+
+def test_streamed_side_tables_equal_whole_split_ones(ml100k_dir: Path) -> None:
+    data = locate_dataset(load_config(None, [f"data.path={ml100k_dir}"]).data)
+    streamed = side_tables(data, chunk_rows=5000)
+    for entity_name, entity in (("user", data.schema.user), ("item", data.schema.item)):
+        assert entity is not None
+        columns = [entity.id_column, *entity.feature_columns]
+        whole = pa.concat_tables(
+            pq.read_table(f, columns=columns)
+            for s in ("train", "valid", "test")
+            for f in data.files[s]
+        )
+        _, first = np.unique(whole[entity.id_column].to_numpy(), return_index=True)
+        expected = whole.take(pa.array(np.sort(first)))
+        assert streamed[entity_name].equals(expected)
+    assert streamed["user"].num_rows == 943 and streamed["item"].num_rows == 1682
+
+
+def test_small_chunks_encode_valid_and_test_in_row_order(tmp_path: Path, ml100k_dir: Path) -> None:
+    data = locate_dataset(load_config(None, [f"data.path={ml100k_dir}"]).data)
+    features = fit_features(data)
+    small = encode_splits(data, features, tmp_path / "small", seed=0, chunk_rows=3000)
+    large = encode_splits(data, features, tmp_path / "large", seed=0, chunk_rows=1 << 20)
+    for split in ("valid", "test"):
+        a = pq.read_table(small[split])
+        b = pq.read_table(large[split])
+        assert a.equals(b)
+        assert np.array_equal(a[ROW_COLUMN].to_numpy(), np.arange(a.num_rows))
+    # train is shuffled within chunks: the same rows, in another order
+    a, b = pq.read_table(small["train"]), pq.read_table(large["train"])
+    assert sorted(a[ROW_COLUMN].to_pylist()) == sorted(b[ROW_COLUMN].to_pylist())
+
+
+@pytest.mark.parametrize("sizes", [[7, 3, 10, 1], [25], [5, 5], []])
+def test_rebatch_cuts_a_stream_into_equal_batches_in_order(sizes: list[int]) -> None:
+    start, tables = 0, []
+    for n in sizes:
+        tables.append(pa.table({"x": np.arange(start, start + n)}))
+        start += n
+    batches = list(rebatch(iter(tables), 4))
+    assert [b.num_rows for b in batches[:-1]] == [4] * (len(batches) - 1)
+    assert 0 < batches[-1].num_rows <= 4 if batches else start == 0
+    joined = [v for b in batches for v in b["x"].to_pylist()]
+    assert joined == list(range(start))
+
+
+def test_iter_tables_streams_bounded_chunks(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"x": np.arange(1000)}), tmp_path / "a.parquet", row_group_size=100)
+    chunks = list(iter_tables([tmp_path / "a.parquet"], batch_rows=64))
+    assert max(c.num_rows for c in chunks) == 64
+    assert sum(c.num_rows for c in chunks) == 1000
