@@ -121,12 +121,15 @@ class OutputConfig(_Strict):
         run_name: the run folder's name; defaults to `<model_name>-<timestamp>`. Training again
             with the same run_name and the same config resumes that run from its latest
             checkpoint (a finished run returns its result).
+        verify_serving: after export, run `recsys verify-artifact` on the artifact (serve it
+            over gRPC and compare with the eager scores); the job fails if they differ.
     """
 
     model_name: str = Field("model", pattern=r"^[A-Za-z0-9_.-]+$")
     model_repo: str = "model_repo"
     run_root: str = "runs"
     run_name: str | None = None
+    verify_serving: bool = True
 
 
 class ExperimentConfig(_Strict):

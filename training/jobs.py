@@ -13,6 +13,8 @@ import json
 import logging
 import resource
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.artifact import load_artifact, resolve_version_dir, score_table
-from recsys.errors import ConfigError, DataError
+from recsys.errors import ArtifactError, ConfigError, DataError
 from recsys.features.schema import FeatureSchema
 from recsys.metrics import auc, binary_metrics
 from training.config import ExperimentConfig
@@ -72,6 +74,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     result["prepare_peak_rss_mb"] = prepare_peak_rss_mb
     result["driver_peak_rss_mb"] = _peak_rss_mb()
     result["peak_rss_mb"] = result["driver_peak_rss_mb"] + sum(result["worker_peak_rss_mb"])
+    if cfg.output.verify_serving:
+        result["serving_verified"] = verify_serving(Path(result["artifact"]))
     result_file.write_text(json.dumps(result, indent=2))
     logger.info(
         "throughput train_rows_per_s=%.0f peak_rss_mb=%.0f (driver %.0f, workers %s)",
@@ -81,6 +85,26 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         " ".join(f"{m:.0f}" for m in result["worker_peak_rss_mb"]),
     )
     return result
+
+
+def verify_serving(artifact: Path) -> bool:
+    """Runs `recsys verify-artifact` (the serving side's parity gate) on a new artifact.
+
+    A subprocess, because training never imports serving: it serves the artifact over gRPC
+    and compares with the eager scores of the training path.
+
+    Raises:
+        ArtifactError: the served scores differ from the eager ones, or the check failed.
+    """
+    command = [sys.executable, "-m", "recsys.cli", "verify-artifact", "--artifact", str(artifact)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=900)
+    if done.returncode != 0:
+        raise ArtifactError(
+            f"train: {artifact} fails the serving parity check (recsys verify-artifact exit "
+            f"{done.returncode}: {(done.stdout + done.stderr).strip()[-600:]})"
+        )
+    logger.info("%s", done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "verified")
+    return True
 
 
 def _peak_rss_mb() -> float:

@@ -68,6 +68,8 @@ def test_training_exports_a_verified_artifact(trained: dict[str, Any]) -> None:
     assert artifact.version == 1 and artifact.name == "autoint_ml100k"
     # rescoring valid rows from the artifact on disk matched the sharded model's scores
     assert result["parity_rows"] == 512 and result["parity_max_abs_diff"] <= 1e-5
+    # and the serving side's gate (recsys verify-artifact, run by the job) passed
+    assert result["serving_verified"] is True
     # two epochs already learn far more than a constant predictor
     assert result["valid_auc"] > 0.75 and result["test_auc"] > 0.75
     assert artifact.metrics["num_workers"] == 2
