@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+from _common import git_sha, machine  # benchmarks/ is the script folder on sys.path
 from scipy import sparse
 from sklearn.linear_model import LogisticRegression
 
@@ -49,13 +48,6 @@ PEERS = {
     "fuxictr_deepfm": 0.7855,
 }
 SUMMARY_KEYS = ("autoint_test_auc", "autoint_test_auc_seeds", "lr_test_auc")
-
-
-def git_sha() -> str:
-    out = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False
-    )
-    return out.stdout.strip() or "unknown"
 
 
 def one_hot(schema: FeatureSchema, table: Any) -> sparse.csr_matrix:
@@ -186,11 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                 "smoke": args.smoke,
                 "git_sha": git_sha(),
                 "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                "machine": {
-                    "platform": platform.platform(),
-                    "python": sys.version.split()[0],
-                    "cpus": __import__("os").cpu_count(),
-                },
+                "machine": machine(),
                 "peers_test_auc": PEERS,
                 "summary": summarise(doc["cells"], doc.get("lr")),
             }

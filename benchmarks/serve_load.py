@@ -58,7 +58,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import queue
 import shutil
 import signal
@@ -73,6 +72,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from _common import git_sha, machine  # benchmarks/ is the script folder on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
@@ -171,33 +172,6 @@ class BenchmarkError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Small helpers shared by the orchestrator and the workers (stdlib only at import time).
 # ---------------------------------------------------------------------------------------------
-
-
-def git_sha() -> str:
-    out = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False
-    )
-    return out.stdout.strip() or "unknown"
-
-
-def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "cpus": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-    }
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    meminfo = Path("/proc/meminfo")
-    if meminfo.exists():
-        first = meminfo.read_text().splitlines()[0].split()
-        info["memory_gb"] = round(int(first[1]) / 2**20, 1)
-    return info
 
 
 def load_average() -> float | None:

@@ -41,7 +41,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -53,6 +52,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _common import git_sha, machine  # benchmarks/ is the script folder on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
@@ -578,33 +579,6 @@ def run_peer_cell(
 # ---------------------------------------------------------------------------------------------
 # The document: summary, table, machine.
 # ---------------------------------------------------------------------------------------------
-
-
-def git_sha() -> str:
-    out = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False
-    )
-    return out.stdout.strip() or "unknown"
-
-
-def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "cpus": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-    }
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    meminfo = Path("/proc/meminfo")
-    if meminfo.exists():
-        first = meminfo.read_text().splitlines()[0].split()
-        info["memory_gb"] = round(int(first[1]) / 2**20, 1)
-    return info
 
 
 def load_average() -> float | None:
