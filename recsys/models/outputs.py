@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +32,7 @@ class ModelOutput:
 pytree.register_dataclass(ModelOutput)
 
 
-class CTRModel(nn.Module):
+class CTRModel(nn.Module, abc.ABC):
     """Base of every registered model.
 
     Subclasses set `trained_tasks` (the keys of `ModelOutput.logits`) and, if they serve
@@ -44,8 +45,9 @@ class CTRModel(nn.Module):
     def served_tasks(self) -> tuple[str, ...]:
         return self.trained_tasks
 
-    def forward(self, features: Features) -> ModelOutput:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, features: Features) -> ModelOutput:
+        """Logits of every trained task for the rows of `features` (no labels, no loss)."""
 
     def loss(self, output: ModelOutput, labels: dict[str, torch.Tensor]) -> torch.Tensor:
         """Training loss: mean binary cross-entropy of each trained task, summed over tasks.
