@@ -48,19 +48,6 @@ class Features:
             else self.domain.to(device, non_blocking=non_blocking),
         )
 
-    def record_stream(self, stream: torch.Stream) -> None:  # TorchRec Pipelineable protocol
-        self.sparse.record_stream(stream)  # type: ignore[arg-type]
-        self.dense.record_stream(stream)  # type: ignore[arg-type]
-        if self.domain is not None:
-            self.domain.record_stream(stream)  # type: ignore[arg-type]
-
-    def pin_memory(self) -> Features:
-        return Features(
-            self.sparse.pin_memory(),
-            self.dense.pin_memory(),
-            None if self.domain is None else self.domain.pin_memory(),
-        )
-
 
 @dataclass
 class Batch:
@@ -77,16 +64,6 @@ class Batch:
         return Batch(
             self.features.to(device, non_blocking),
             {k: v.to(device, non_blocking=non_blocking) for k, v in self.labels.items()},
-        )
-
-    def record_stream(self, stream: torch.Stream) -> None:
-        self.features.record_stream(stream)
-        for v in self.labels.values():
-            v.record_stream(stream)  # type: ignore[arg-type]
-
-    def pin_memory(self) -> Batch:
-        return Batch(
-            self.features.pin_memory(), {k: v.pin_memory() for k, v in self.labels.items()}
         )
 
 
