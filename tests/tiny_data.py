@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from recsys.data.movielens import GENRES
+from recsys.data.movielens import GENRES, ML100K_CTR_SCHEMA
+from recsys.data.schema import DatasetSchema
 
 NUM_ROWS = 512
 NUM_USERS = 24
@@ -56,3 +57,25 @@ def make_tiny_table(num_rows: int = NUM_ROWS, seed: int = 0) -> pa.Table:
             "timestamp": pa.array(874_000_000 + np.arange(num_rows, dtype=np.int64)),
         }
     )
+
+
+# ml100k-ctr's columns (its domain is the occupation) plus an entire-space ctcvr label, so one
+# tiny table serves single-task, multi-task (ESMM) and multi-domain (AdaptDHM) models.
+_CTR = ML100K_CTR_SCHEMA.model_dump(mode="json")
+TINY_MULTITASK_SCHEMA = DatasetSchema.model_validate(
+    {
+        **_CTR,
+        "name": "tiny-multitask",
+        "columns": [*_CTR["columns"], {"name": "ctcvr", "role": "label", "task": "ctcvr"}],
+    }
+)
+
+
+def with_ctcvr(table: pa.Table) -> pa.Table:
+    """Adds an entire-space `ctcvr` label (click AND a planted conversion) for multi-task
+    models: a clicked row converts iff its item id is not a multiple of 3, so conversion is
+    learnable from the item alone and ctcvr needs both the interaction and the item."""
+    items = np.asarray([int(i) for i in table["item_id"].to_pylist()])
+    click = table["click"].to_numpy(zero_copy_only=False)
+    conversion = (items % 3 != 0).astype(np.int8)
+    return table.append_column("ctcvr", pa.array((click * conversion).astype(np.int8)))

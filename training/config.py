@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from recsys.data.schema import format_validation_error
 from recsys.embeddings import EmbeddingConfig
 from recsys.errors import ConfigError
+from recsys.models.autoint import AutoIntConfig
 from recsys.models.registry import ModelConfig
 
 
@@ -136,7 +137,7 @@ class ExperimentConfig(_Strict):
     """One training run: data, model, embedding, training, Ray and output settings."""
 
     data: DataConfig = DataConfig()
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=AutoIntConfig)
     embedding: EmbeddingConfig = EmbeddingConfig()
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()

@@ -36,8 +36,8 @@ class EmbeddingConfig(BaseModel):
     init_scale: float = Field(default=0.05, gt=0)
 
 
-def table_name(feature: str) -> str:
-    return f"t_{feature}"
+def table_name(feature: str, prefix: str = "") -> str:
+    return f"{prefix}t_{feature}"
 
 
 class FieldEmbedding(nn.Module):
@@ -86,14 +86,20 @@ class FieldEmbedding(nn.Module):
 
 
 def build_embedding(
-    schema: FeatureSchema, config: EmbeddingConfig, device: torch.device | None = None
+    schema: FeatureSchema,
+    config: EmbeddingConfig,
+    device: torch.device | None = None,
+    table_prefix: str = "",
 ) -> FieldEmbedding:
-    """Builds the field embedding for a schema. `device='meta'` defers allocation to DMP."""
+    """Builds the field embedding for a schema. `device='meta'` defers allocation to DMP.
+
+    `table_prefix` names the tables of a second embedding inside one model (ARM-Net+'s DNN
+    has its own tables), so every table name in the model stays unique for the planner."""
     tables = [
         EmbeddingBagConfig(
             num_embeddings=f.num_embeddings,
             embedding_dim=config.dim,
-            name=table_name(f.name),
+            name=table_name(f.name, table_prefix),
             feature_names=[f.name],
             pooling=PoolingType.MEAN if f.is_bag else PoolingType.SUM,
             weight_init_min=-config.init_scale,

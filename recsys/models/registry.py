@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from recsys.errors import ConfigError
 from recsys.features.schema import FeatureSchema
@@ -22,8 +23,9 @@ MODELS: dict[str, ModelSpec] = {
     "autoint": ModelSpec(AutoInt, AutoIntConfig),
 }
 
-# The union of model configs, discriminated by their `name` field (used by ExperimentConfig).
-ModelConfig = AutoIntConfig
+# The union of model configs, discriminated by their `name` field (used by ExperimentConfig):
+# a YAML `model:` block is validated against the config class its `name` selects.
+ModelConfig = Annotated[AutoIntConfig, Field(discriminator="name")]
 
 
 def model_spec(name: str) -> ModelSpec:
