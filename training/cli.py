@@ -30,11 +30,13 @@ def _run(fn: Callable[[], int]) -> int:
 
 
 def data(argv: list[str]) -> int:
-    """`recsys data prepare ml100k-ctr|synthetic-ctr [--data-dir DIR] ...`"""
+    """`recsys data prepare ml100k-ctr|ml100k-esmm|ml100k-domains|synthetic-ctr [--data-dir D]`"""
     parser = argparse.ArgumentParser(prog="recsys data", description="Prepare a dataset.")
     sub = parser.add_subparsers(dest="action", required=True)
     prep = sub.add_parser("prepare", help="download/generate a dataset and write its splits")
-    prep.add_argument("dataset", choices=["ml100k-ctr", "synthetic-ctr"])
+    prep.add_argument(
+        "dataset", choices=["ml100k-ctr", "ml100k-esmm", "ml100k-domains", "synthetic-ctr"]
+    )
     prep.add_argument(
         "--data-dir",
         type=Path,
@@ -48,20 +50,20 @@ def data(argv: list[str]) -> int:
         "--source",
         type=Path,
         default=None,
-        help="ml100k-ctr: a local GroupLens ml-100k folder instead of the download",
+        help="ml100k-*: a local GroupLens ml-100k folder instead of the download",
     )
     prep.add_argument("--rows", type=int, default=1_000_000, help="synthetic-ctr: rows")
     prep.add_argument("--seed", type=int, default=0, help="synthetic-ctr: seed")
     args = parser.parse_args(argv)
 
     def go() -> int:
-        from recsys.data.movielens import default_data_dir, prepare_ml100k_ctr
+        from recsys.data.movielens import MOVIELENS_TASKS, default_data_dir, prepare_movielens
 
         data_dir = args.data_dir or default_data_dir()
         out = args.out or data_dir / args.dataset
-        if args.dataset == "ml100k-ctr":
-            counts = prepare_ml100k_ctr(
-                out, data_dir=data_dir, source=args.source, show_progress=True
+        if args.dataset in MOVIELENS_TASKS:
+            counts = prepare_movielens(
+                args.dataset, out, data_dir=data_dir, source=args.source, show_progress=True
             )
         else:
             from recsys.data.synthetic import generate_synthetic_ctr

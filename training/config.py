@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from recsys.data.schema import format_validation_error
 from recsys.embeddings import EmbeddingConfig
@@ -40,7 +47,9 @@ class DataConfig(_Strict):
             and the shard files are read in a new random order every epoch.
     """
 
-    dataset: Literal["ml100k-ctr", "synthetic-ctr", "parquet"] = "ml100k-ctr"
+    dataset: Literal["ml100k-ctr", "ml100k-esmm", "ml100k-domains", "synthetic-ctr", "parquet"] = (
+        "ml100k-ctr"
+    )
     path: str | None = None
     schema_file: str | None = None
     data_dir: str | None = None
@@ -142,6 +151,15 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     output: OutputConfig = OutputConfig()
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _default_model_name(cls, value: Any) -> Any:
+        # `name` selects the model's config class; a block without one means AutoInt, the
+        # default model, so older configs keep working.
+        if isinstance(value, dict) and "name" not in value:
+            return {"name": "autoint", **value}
+        return value
 
 
 def _parse_value(text: str) -> Any:

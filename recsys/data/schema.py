@@ -265,10 +265,11 @@ def format_validation_error(error: ValidationError, model: type[BaseModel]) -> s
     """Turns a pydantic error into one line per problem, naming the key and a close valid key."""
     lines = []
     for item in error.errors():
-        loc = ".".join(str(p) for p in item["loc"])
+        path, at = _resolve_loc(model, item["loc"])
+        loc = ".".join(str(p) for p in path)
         if item["type"] == "extra_forbidden":
-            valid = _valid_keys_at(model, item["loc"][:-1])
-            lines.append(f"unknown key '{loc}'{_closest(str(item['loc'][-1]), valid)}")
+            valid = list(getattr(at, "model_fields", {}).keys())
+            lines.append(f"unknown key '{loc}'{_closest(str(path[-1]), valid)}")
         elif item["type"] == "value_error":
             # our validators already name the value and the fix; the input is the whole section
             message = item["msg"].removeprefix("Value error, ")
@@ -278,18 +279,42 @@ def format_validation_error(error: ValidationError, model: type[BaseModel]) -> s
     return "; ".join(lines)
 
 
-def _valid_keys_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the (nested) pydantic model at `loc`, for 'did you mean' hints."""
-    current: Any = model
+def _resolve_loc(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[Any], Any]:
+    """The error path as the user wrote it, and the pydantic model holding its last key.
+
+    A discriminated union (`model: {name: autoint, ...}`) reports the chosen member's tag as a
+    path element; it is dropped from the path and used to pick the member."""
+    path: list[Any] = []
+    current: Any = model  # a model class, or the annotation of the field just entered
+    holder: Any = None
     for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            members = _union_members_by_tag(current) if current is not None else {}
+            if isinstance(part, str) and part in members:
+                current = members[part]
+                continue
+            current = _pydantic_model_in(current) if current is not None else None
+        path.append(part)
         if isinstance(part, int) or current is None:
             continue
-        field = getattr(current, "model_fields", {}).get(part)
-        if field is None:
-            # discriminated unions report the tag as a path element: look it up among members
-            return []
-        current = _pydantic_model_in(field.annotation)
-    return list(getattr(current, "model_fields", {}).keys())
+        holder = current
+        field = current.model_fields.get(part)
+        current = None if field is None else field.annotation
+    return path, holder
+
+
+def _union_members_by_tag(annotation: Any) -> dict[str, Any]:
+    """{tag: member} for the members of a union of models that carry a Literal `name`."""
+    import typing
+
+    members: dict[str, Any] = {}
+    for arg in typing.get_args(annotation):
+        if isinstance(arg, type) and issubclass(arg, BaseModel) and "name" in arg.model_fields:
+            for tag in typing.get_args(arg.model_fields["name"].annotation):
+                members[str(tag)] = arg
+        else:
+            members.update(_union_members_by_tag(arg))
+    return members
 
 
 def _pydantic_model_in(annotation: Any) -> Any:

@@ -20,6 +20,7 @@ from recsys.data.movielens import (
     build_ctr_table,
     fetch_recbole_wheel,
     load_raw,
+    prepare_movielens,
 )
 from recsys.data.schema import DatasetSchema
 from recsys.data.splits import SPLITS
@@ -210,3 +211,66 @@ def test_corrupt_cached_wheel_is_reported_not_used(tmp_path: Path) -> None:
     (tmp_path / RECBOLE_WHEEL).write_bytes(b"this is not a wheel")
     with pytest.raises(DataError, match=r"is corrupt \(sha256 .*; delete it and run again"):
         fetch_recbole_wheel(tmp_path)
+
+
+# --- ml100k-esmm and ml100k-domains (BENCHMARKS.md) -------------------------------------------
+ESMM_EXPECTED = {
+    "train": (160_152, 0.499494, 0.276556),
+    "valid": (19_835, 0.503756, 0.280615),
+    "test": (20_013, 0.500325, 0.275721),
+}
+
+
+@pytest.fixture(scope="module")
+def esmm_splits(ml100k_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ml100k-esmm")
+    prepare_movielens("ml100k-esmm", out, data_dir=ml100k_cache_dir)
+    return out
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_esmm_split_rows_click_and_ctcvr_rates(
+    esmm_splits: Path, splits: dict[str, pa.Table], split: str
+) -> None:
+    rows, click_rate, ctcvr_rate = ESMM_EXPECTED[split]
+    table = pq.read_table(esmm_splits / f"{split}.parquet")
+    assert table.num_rows == rows
+    click, ctcvr = table["click"].to_numpy(), table["ctcvr"].to_numpy()
+    assert round(float(click.mean()), 6) == click_rate
+    assert round(float(ctcvr.mean()), 6) == ctcvr_rate
+    assert not (ctcvr > click).any(), "a conversion without a click"
+    # the clicked impressions of each split are exactly that split's ml100k-ctr rows, and
+    # their conversion is ml100k-ctr's click label
+    clicked = table.filter(pc.equal(table["click"], 1))
+    ctr = splits[split]
+    got = dict(zip(_keys(clicked), clicked["ctcvr"].to_pylist(), strict=True))
+    assert got == dict(zip(_keys(ctr), ctr["click"].to_pylist(), strict=True))
+
+
+def _keys(table: pa.Table) -> list[str]:
+    users, items = table["user_id"].to_pylist(), table["item_id"].to_pylist()
+    return [f"{u}:{i}" for u, i in zip(users, items, strict=True)]
+
+
+def test_esmm_negatives_are_unrated_and_as_many_as_rated(esmm_splits: Path) -> None:
+    table = pa.concat_tables(pq.read_table(esmm_splits / f"{s}.parquet") for s in SPLITS)
+    users = table["user_id"].to_numpy(zero_copy_only=False)
+    click = table["click"].to_numpy()
+    pairs = set(zip(users, table["item_id"].to_numpy(zero_copy_only=False), strict=True))
+    assert len(pairs) == table.num_rows, "an impression appears twice"
+    for user in np.unique(users)[:50]:
+        mine = click[users == user]
+        assert (mine == 1).sum() == (mine == 0).sum()
+    assert table.filter(pc.equal(table["click"], 0))["rating"].null_count == (click == 0).sum()
+
+
+def test_domains_task_is_the_ctr_rows_with_occupation_as_domain(
+    ml100k_cache_dir: Path, tmp_path: Path, splits: dict[str, pa.Table]
+) -> None:
+    prepare_movielens("ml100k-domains", tmp_path, data_dir=ml100k_cache_dir)
+    schema = DatasetSchema.from_yaml(tmp_path / "schema.yaml")
+    assert schema.name == "ml100k-domains" and schema.domain == "occupation"
+    assert "occupation" in schema.input_columns()
+    test = pq.read_table(tmp_path / "test.parquet")
+    assert test.equals(splits["test"])
+    assert len(set(test["occupation"].to_pylist())) == 21
