@@ -83,6 +83,9 @@ class TrainConfig(_Strict):
         lr_decay_on_plateau: after an epoch without a better valid AUC, every learning rate
             (dense and table) is multiplied by this (FuxiCTR's reduce-on-plateau); 1 disables.
         min_lr_scale: learning rates never fall below this fraction of their start.
+        select_metric: the valid metric (higher is better) that early stopping and the choice
+            of the exported epoch follow: `auc` (the first task's), or a task's, e.g.
+            `ctcvr_auc`, `cvr_auc` (ESMM; CVR on clicked rows), `domain_weighted_auc`.
     """
 
     max_epochs: int = Field(10, ge=1)
@@ -98,6 +101,7 @@ class TrainConfig(_Strict):
     parity_rows: int = Field(512, ge=1)
     lr_decay_on_plateau: float = Field(1.0, gt=0, le=1)
     min_lr_scale: float = Field(1e-3, gt=0, le=1)
+    select_metric: str = Field("auc", pattern=r"^[a-z_]*auc$")
 
 
 class RayConfig(_Strict):

@@ -306,6 +306,23 @@ def metrics_from_predictions(schema: FeatureSchema, table: pa.Table) -> dict[str
                     }
             task["per_domain"] = per_domain
         report["tasks"][label.task_name] = task
+    # post-click conversion (ESMM's cvr): on clicked rows, the ctcvr label is the conversion
+    tasks = {label.task_name: label.name for label in dataset.labels}
+    cvr_col = PROB_PREFIX + "cvr"
+    if (
+        cvr_col in table.column_names
+        and {"ctr", "ctcvr"} <= set(tasks)
+        and {tasks["ctr"], tasks["ctcvr"]} <= set(table.column_names)
+    ):
+        clicked = table[tasks["ctr"]].to_numpy(zero_copy_only=False) == 1
+        report["tasks"]["cvr"] = {
+            **binary_metrics(
+                table[tasks["ctcvr"]].to_numpy(zero_copy_only=False)[clicked].astype(np.float64),
+                table[cvr_col].to_numpy(zero_copy_only=False)[clicked],
+                None if groups is None else groups[clicked],
+            ),
+            "rows": "clicked rows only; label = ctcvr (the conversion of a clicked row)",
+        }
     if not report["tasks"]:
         raise DataError(
             f"evaluate: the predictions have no label column of the schema "

@@ -33,9 +33,10 @@ from ray.train import Checkpoint
 
 from recsys.artifact import load_artifact, score_table, write_artifact
 from recsys.embeddings import build_embedding
+from recsys.errors import ConfigError
 from recsys.features.batch import batch_from_encoded, features_from_encoded
-from recsys.features.schema import FeatureSchema
-from recsys.metrics import binary_metrics
+from recsys.features.schema import DOMAIN_COLUMN, FeatureSchema
+from recsys.metrics import auc, binary_metrics, gauc
 from recsys.models.outputs import CTRModel
 from recsys.models.registry import build_model
 from training.checkpoint import (
@@ -145,7 +146,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rank,
             world,
         )
-        improved = progress.stopper.update(result.metrics["auc"], epoch)
+        improved = progress.stopper.update(_selected(result.metrics, cfg), epoch)
         if not improved:
             # reduce on plateau: the same decision on every rank (metrics were gathered)
             scaled = progress.lr_scale * cfg.train.lr_decay_on_plateau
@@ -168,6 +169,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch": epoch,
             "auc": result.metrics["auc"],
             "logloss": result.metrics["logloss"],
+            **(
+                {cfg.train.select_metric: result.metrics[cfg.train.select_metric]}
+                if cfg.train.select_metric != "auc"
+                else {}
+            ),
             "best_auc": progress.stopper.best,
             "patience": f"{progress.stopper.bad_epochs}/{cfg.train.patience}",
             "train_s": train_s,
@@ -189,6 +195,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         (run_dir / RESULT_FILE).write_text(json.dumps(final[0], indent=2))
     dist.broadcast_object_list(final, src=0)
     report("final", final[0] or {}, rank)
+
+
+def _selected(metrics: dict[str, float], cfg: ExperimentConfig) -> float:
+    """The valid metric that early stopping and model selection follow."""
+    name = cfg.train.select_metric
+    if name not in metrics:
+        raise ConfigError(
+            f"train.select_metric: '{name}' is not a valid metric of this model and dataset "
+            f"(expected one of {sorted(metrics)})"
+        )
+    return float(metrics[name])
 
 
 def _log_to_run_folder(run_dir: Path) -> None:
@@ -292,7 +309,11 @@ def evaluate_distributed(
             rows.append(chunk[ROW_COLUMN].to_numpy()[:size])
             for task, p in output.items():
                 probs[task].append(p.numpy()[:size])
-            keep = [c for c in (*_label_names(schema), GROUP_COLUMN) if c in chunk.column_names]
+            keep = [
+                c
+                for c in (*_label_names(schema), GROUP_COLUMN, DOMAIN_COLUMN)
+                if c in chunk.column_names
+            ]
             columns.append(chunk.slice(0, size).select(keep))
     local = (
         np.concatenate(rows) if rows else np.zeros(0, np.int64),
@@ -319,24 +340,80 @@ def _label_names(schema: FeatureSchema) -> list[str]:
 def split_metrics(
     schema: FeatureSchema, table: pa.Table, probs: dict[str, np.ndarray]
 ) -> dict[str, float]:
-    """Metrics of every trained task with a label column in `table` (raw or encoded rows;
-    GAUC groups by the raw user id, in the `__group__` column of encoded rows). The first
-    task's metrics are also given unprefixed."""
+    """Metrics of every served task with labels in `table` (raw or encoded rows; GAUC groups
+    by the raw user id, in the `__group__` column of encoded rows). The first task's metrics
+    are also given unprefixed.
+
+    Post-click conversion ("cvr", ESMM) is measured on clicked rows only: the label is ctcvr
+    (click AND conversion), which on a clicked row is the conversion. With a domain column, the
+    first task also gets `domain_weighted_auc`: per-domain AUCs averaged with row weights
+    (domains with one class left out)."""
     groups = None
     if GROUP_COLUMN in table.column_names:
         groups = table[GROUP_COLUMN].to_numpy(zero_copy_only=False)
     elif schema.dataset.user is not None and schema.dataset.user.id_column in table.column_names:
         groups = table[schema.dataset.user.id_column].to_numpy(zero_copy_only=False)
     metrics: dict[str, float] = {}
+    labels_of: dict[str, np.ndarray] = {}
     for i, label in enumerate(schema.dataset.labels):
-        if label.task_name not in probs or label.name not in table.column_names:
+        if label.name not in table.column_names:
             continue
         labels = table[label.name].to_numpy(zero_copy_only=False)
+        labels_of[label.task_name] = labels
+        if label.task_name not in probs:
+            continue
         values = binary_metrics(labels, probs[label.task_name], groups)
         metrics.update({f"{label.task_name}_{k}": v for k, v in values.items()})
         if i == 0:
             metrics.update(values)
+    if "cvr" in probs and "ctr" in labels_of and "ctcvr" in labels_of:
+        clicked = labels_of["ctr"] == 1
+        values = binary_metrics(
+            labels_of["ctcvr"][clicked],
+            probs["cvr"][clicked],
+            None if groups is None else groups[clicked],
+        )
+        metrics.update({f"cvr_{k}": v for k, v in values.items()})
+    domains = _domains(schema, table)
+    first = schema.dataset.labels[0].task_name if schema.dataset.labels else None
+    if domains is not None and first in probs and first in labels_of:
+        metrics["domain_weighted_auc"] = gauc(labels_of[first], probs[first], domains)
     return metrics
+
+
+def _domains(schema: FeatureSchema, table: pa.Table) -> np.ndarray | None:
+    """The domain of every row: raw values, or encoded ids in `__domain__`; None without."""
+    if schema.dataset.domain is not None and schema.dataset.domain in table.column_names:
+        return np.asarray(table[schema.dataset.domain].to_pylist(), dtype=object)
+    if DOMAIN_COLUMN in table.column_names:
+        return table[DOMAIN_COLUMN].to_numpy(zero_copy_only=False)
+    return None
+
+
+def per_domain_metrics(
+    schema: FeatureSchema, table: pa.Table, probs: dict[str, np.ndarray]
+) -> dict[str, dict[str, float | None]]:
+    """{domain: {rows, positive_rate, auc}} of the first task on raw rows (auc None for a
+    domain with one class); empty when the dataset has no domain."""
+    domains = _domains(schema, table)
+    if domains is None or not schema.dataset.labels:
+        return {}
+    label = schema.dataset.labels[0]
+    if label.task_name not in probs or label.name not in table.column_names:
+        return {}
+    labels = table[label.name].to_numpy(zero_copy_only=False).astype(np.float64)
+    scores = probs[label.task_name]
+    table_rows: dict[str, dict[str, float | None]] = {}
+    for domain in sorted({str(d) for d in domains}):
+        mask = np.asarray([str(d) == domain for d in domains])
+        y = labels[mask]
+        both = 0 < y.sum() < len(y)
+        table_rows[domain] = {
+            "rows": int(mask.sum()),
+            "positive_rate": float(y.mean()),
+            "auc": auc(y, scores[mask]) if both else None,
+        }
+    return table_rows
 
 
 def _finish_on_rank0(
@@ -353,11 +430,15 @@ def _finish_on_rank0(
     model.load_state_dict(best_state)
     model.eval()
     raw_root = Path(paths.raw_root)
-    test_metrics = _score_split_streaming(model, schema, split_files(raw_root, "test"), cfg)
+    test_metrics, test_per_domain = _score_split_streaming(
+        model, schema, split_files(raw_root, "test"), cfg
+    )
     metrics = {
         "best_epoch": stopper.best_epoch,
         "valid": best_valid.metrics,
         "test": test_metrics,
+        "test_per_domain": test_per_domain,
+        "select_metric": cfg.train.select_metric,
         "train_wall_s": progress.wall_s,
         "data": {"dataset": cfg.data.dataset, "path": str(raw_root.resolve())},
         "num_workers": cfg.ray.num_workers,
@@ -398,6 +479,10 @@ def _finish_on_rank0(
         "valid_logloss": best_valid.metrics["logloss"],
         "test_auc": test_metrics["auc"],
         "test_logloss": test_metrics["logloss"],
+        "test": test_metrics,
+        "test_per_domain": test_per_domain,
+        "valid": best_valid.metrics,
+        "select_metric": cfg.train.select_metric,
         "parity_max_abs_diff": max_diff,
         "parity_rows": n,
         "train_rows": progress.train_rows,
@@ -408,12 +493,14 @@ def _finish_on_rank0(
 
 def _score_split_streaming(
     model: CTRModel, schema: FeatureSchema, files: list[Path], cfg: ExperimentConfig
-) -> dict[str, float]:
-    """Metrics of an unsharded model on raw Parquet rows, read a batch at a time (only the
-    probabilities, labels and user ids of the split are kept)."""
+) -> tuple[dict[str, float], dict[str, dict[str, float | None]]]:
+    """Metrics (and the per-domain table) of an unsharded model on raw Parquet rows, read a
+    batch at a time (only the probabilities, labels, user ids and domains are kept)."""
     keep = _label_names(schema)
     if schema.dataset.user is not None:
         keep.append(schema.dataset.user.id_column)
+    if schema.dataset.domain is not None and schema.dataset.domain not in keep:
+        keep.append(schema.dataset.domain)
     probs: dict[str, list[np.ndarray]] = {t: [] for t in model.served_tasks}
     columns = []
     for table in iter_tables(files, batch_rows=cfg.train.eval_batch_size):
@@ -421,4 +508,5 @@ def _score_split_streaming(
             probs[task].append(p.numpy())
         columns.append(table.select([c for c in keep if c in table.column_names]))
     merged = {t: np.concatenate(v) for t, v in probs.items()}
-    return split_metrics(schema, pa.concat_tables(columns), merged)
+    table = pa.concat_tables(columns)
+    return split_metrics(schema, table, merged), per_domain_metrics(schema, table, merged)

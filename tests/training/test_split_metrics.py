@@ -1,0 +1,72 @@
+"""The trainer's split metrics for multi-task and multi-domain models, against scikit-learn:
+ESMM's CVR on clicked rows only, the domain-weighted AUC and the per-domain table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from recsys.features.schema import fit_feature_schema
+from tests.tiny_data import TINY_MULTITASK_SCHEMA, make_tiny_table, with_ctcvr
+from training.loop import per_domain_metrics, split_metrics
+
+
+@pytest.fixture(scope="module")
+def table() -> pa.Table:
+    return with_ctcvr(make_tiny_table(num_rows=2000, seed=3))
+
+
+def _probs(table: pa.Table, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    click = table["click"].to_numpy().astype(float)
+    ctcvr = table["ctcvr"].to_numpy().astype(float)
+    p_ctr = np.clip(0.5 * click + rng.uniform(0, 0.6, len(click)), 0.01, 0.99)
+    # cvr scores that rank clicked rows by conversion, but are anti-correlated on unclicked
+    # rows: a metric over all rows would differ from the clicked-only one
+    p_cvr = np.clip(0.4 * ctcvr + 0.4 * (1 - click) + rng.uniform(0, 0.5, len(click)), 0, 1)
+    return {"ctr": p_ctr, "cvr": p_cvr, "ctcvr": p_ctr * p_cvr}
+
+
+def test_cvr_is_measured_on_clicked_rows_only(table: pa.Table) -> None:
+    schema = fit_feature_schema(TINY_MULTITASK_SCHEMA, [table])
+    probs = _probs(table, 0)
+    metrics = split_metrics(schema, table, probs)
+    clicked = table["click"].to_numpy() == 1
+    conversion = table["ctcvr"].to_numpy()[clicked]
+    expected = roc_auc_score(conversion, probs["cvr"][clicked])
+    assert metrics["cvr_auc"] == pytest.approx(expected, abs=1e-12)
+    assert metrics["cvr_num_rows"] == clicked.sum()
+    all_rows = roc_auc_score(table["ctcvr"].to_numpy(), probs["cvr"])
+    assert abs(metrics["cvr_auc"] - all_rows) > 0.05  # the mask matters on this data
+    assert metrics["ctcvr_auc"] == pytest.approx(
+        roc_auc_score(table["ctcvr"].to_numpy(), probs["ctcvr"]), abs=1e-12
+    )
+    assert metrics["auc"] == metrics["ctr_auc"]  # the first label's task, unprefixed
+
+
+def test_domain_weighted_auc_and_per_domain_table(table: pa.Table) -> None:
+    schema = fit_feature_schema(TINY_MULTITASK_SCHEMA, [table])
+    probs = _probs(table, 1)
+    metrics = split_metrics(schema, table, probs)
+    rows = per_domain_metrics(schema, table, probs)
+    domains = np.asarray(table["occupation"].to_pylist())
+    click = table["click"].to_numpy()
+    assert set(rows) == set(domains.tolist())
+    weighted, weights = 0.0, 0
+    for domain, row in rows.items():
+        mask = domains == domain
+        assert row["rows"] == mask.sum()
+        assert row["auc"] == pytest.approx(roc_auc_score(click[mask], probs["ctr"][mask]))
+        weighted += row["auc"] * row["rows"]
+        weights += row["rows"]
+    assert metrics["domain_weighted_auc"] == pytest.approx(weighted / weights, abs=1e-12)
+
+
+def test_no_cvr_or_domain_metrics_without_their_inputs(table: pa.Table) -> None:
+    schema = fit_feature_schema(TINY_MULTITASK_SCHEMA, [table])
+    probs = {"ctr": _probs(table, 2)["ctr"]}
+    metrics = split_metrics(schema, table.drop_columns(["occupation"]), probs)
+    assert "cvr_auc" not in metrics and "domain_weighted_auc" not in metrics
+    assert per_domain_metrics(schema, table.drop_columns(["occupation"]), probs) == {}
