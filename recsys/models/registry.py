@@ -9,7 +9,16 @@ from pydantic import BaseModel, Field
 
 from recsys.errors import ConfigError
 from recsys.features.schema import FeatureSchema
+from recsys.models.adaptdhm import AdaptDHM, AdaptDHMConfig
+from recsys.models.armnet import ARMNet, ARMNetConfig
 from recsys.models.autoint import AutoInt, AutoIntConfig
+from recsys.models.esmm import ESMM, ESMMConfig
+from recsys.models.multidomain import (
+    PerDomainTowers,
+    PerDomainTowersConfig,
+    SharedBottom,
+    SharedBottomConfig,
+)
 from recsys.models.outputs import CTRModel
 
 
@@ -21,11 +30,24 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "autoint": ModelSpec(AutoInt, AutoIntConfig),
+    "armnet": ModelSpec(ARMNet, ARMNetConfig),
+    "esmm": ModelSpec(ESMM, ESMMConfig),
+    "adaptdhm": ModelSpec(AdaptDHM, AdaptDHMConfig),
+    "shared_bottom": ModelSpec(SharedBottom, SharedBottomConfig),
+    "per_domain_towers": ModelSpec(PerDomainTowers, PerDomainTowersConfig),
 }
 
 # The union of model configs, discriminated by their `name` field (used by ExperimentConfig):
 # a YAML `model:` block is validated against the config class its `name` selects.
-ModelConfig = Annotated[AutoIntConfig, Field(discriminator="name")]
+ModelConfig = Annotated[
+    AutoIntConfig
+    | ARMNetConfig
+    | ESMMConfig
+    | AdaptDHMConfig
+    | SharedBottomConfig
+    | PerDomainTowersConfig,
+    Field(discriminator="name"),
+]
 
 
 def model_spec(name: str) -> ModelSpec:

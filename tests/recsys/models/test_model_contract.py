@@ -29,6 +29,17 @@ from recsys.models.registry import MODELS, build_model
 # Registry name -> the fields of a tiny config (the registry key is added as `name`).
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "autoint": {"num_layers": 2, "num_heads": 2, "attention_dim": 8, "dnn_hidden_units": (16,)},
+    "armnet": {
+        "num_heads": 2,
+        "num_neurons": 8,
+        "mlp_hidden_units": (16,),
+        "use_ensemble": True,
+        "dnn_hidden_units": (16,),
+    },
+    "esmm": {"tower_hidden_units": (16, 8)},
+    "adaptdhm": {"num_clusters": 3, "bottom_hidden_units": (32,), "tower_hidden_units": (16,)},
+    "shared_bottom": {"bottom_hidden_units": (32,), "tower_hidden_units": (16,)},
+    "per_domain_towers": {"bottom_hidden_units": (32,), "tower_hidden_units": (16,)},
 }
 # D = 4 differs from every tiny attention width, so projections from D are exercised too.
 TINY_EMBEDDING = EmbeddingConfig(dim=4)
