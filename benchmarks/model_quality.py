@@ -1,13 +1,19 @@
-"""Model quality on ml100k-ctr: every benchmarked model over 3 seeds, plus the logistic
+"""Model quality: every registered model on its task over 3 seeds, plus the logistic
 regression floor, trained by the project's own trainer (2 Ray workers, sharded tables).
+
+Tasks: ml100k-ctr (AutoInt, ARM-Net), ml100k-domains (AdaptDHM and the shared-bottom and
+per-domain-tower baselines: overall, domain-weighted and per-domain test AUC, cluster
+occupancy entropy, training time), ml100k-esmm (ESMM's CTR/CVR/CTCVR AUC and the naive CVR
+model trained on clicked rows only).
 
 Prints a table and writes benchmarks/results/model_quality.json: per-cell results (config,
 metrics, the run's log), the peer figures of BENCHMARKS.md beside ours, git sha, machine, date,
 and a `summary`. Each cell is saved as soon as it finishes and skipped when the script is run
 again, so a long sweep survives an interruption (`--fresh` starts over).
 
-    python benchmarks/model_quality.py                  # full run (about 10 min per model)
-    python benchmarks/model_quality.py --smoke --output /tmp/mq.json   # seconds-long check
+    python benchmarks/model_quality.py                  # full run (a few minutes per cell)
+    python benchmarks/model_quality.py --models esmm naive_cvr   # some models only
+    python benchmarks/model_quality.py --smoke --output /tmp/mq.json   # minutes-long check
 """
 
 from __future__ import annotations
@@ -22,11 +28,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 from _common import git_sha, machine  # benchmarks/ is the script folder on sys.path
 from scipy import sparse
 from sklearn.linear_model import LogisticRegression
 
-from recsys.data.movielens import default_data_dir, prepare_ml100k_ctr
+from recsys.artifact import load_artifact
+from recsys.data.movielens import default_data_dir, prepare_movielens
+from recsys.features.batch import features_from_encoded
 from recsys.features.schema import FeatureSchema, fit_feature_schema
 from recsys.metrics import auc, logloss
 from training.config import load_config
@@ -35,19 +44,53 @@ from training.jobs import train
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "model_quality.json"
 SEEDS = (0, 1, 2)
-# name -> (config file, overrides); later models add a line here.
-MODELS: dict[str, tuple[str, list[str]]] = {
-    "autoint": ("configs/autoint_ml100k.yaml", []),
+# cell name -> (config file, its task); every registered model has a line here (the naive CVR
+# baseline is ESMM's clicked-only objective).
+MODELS: dict[str, tuple[str, str]] = {
+    "autoint": ("configs/autoint_ml100k.yaml", "ml100k-ctr"),
+    "armnet": ("configs/armnet_ml100k.yaml", "ml100k-ctr"),
+    "adaptdhm": ("configs/adaptdhm_ml100k.yaml", "ml100k-domains"),
+    "shared_bottom": ("configs/shared_bottom_ml100k.yaml", "ml100k-domains"),
+    "per_domain_towers": ("configs/per_domain_towers_ml100k.yaml", "ml100k-domains"),
+    "esmm": ("configs/esmm_ml100k.yaml", "ml100k-esmm"),
+    "naive_cvr": ("configs/esmm_naive_cvr_ml100k.yaml", "ml100k-esmm"),
 }
-# BENCHMARKS.md, this machine, one seed each.
+# BENCHMARKS.md, this machine, one seed each; METHODS.md §0 for the ml100k-esmm LR floors.
 PEERS = {
     "sklearn_lr": 0.7722,
     "deepctr_torch_deepfm": 0.7711,
     "deepctr_torch_autoint": 0.7776,
     "fuxictr_autoint": 0.7783,
     "fuxictr_deepfm": 0.7855,
+    "deepctr_torch_esmm_ctr": 0.8883,
+    "deepctr_torch_esmm_cvr": 0.7740,
+    "deepctr_torch_esmm_ctcvr": 0.8634,
+    "lr_esmm_ctr_floor": 0.846,
+    "lr_esmm_cvr_floor": 0.771,
+    "lr_esmm_ctcvr_floor": 0.836,
 }
-SUMMARY_KEYS = ("autoint_test_auc", "autoint_test_auc_seeds", "lr_test_auc")
+# summary key -> (cell name, how to read the value from a finished cell)
+METRICS: dict[str, tuple[str, str]] = {
+    "autoint_test_auc": ("autoint", "test.auc"),
+    "armnet_test_auc": ("armnet", "test.auc"),
+    "adaptdhm_test_auc": ("adaptdhm", "test.auc"),
+    "shared_bottom_test_auc": ("shared_bottom", "test.auc"),
+    "per_domain_towers_test_auc": ("per_domain_towers", "test.auc"),
+    "adaptdhm_domain_weighted_auc": ("adaptdhm", "test.domain_weighted_auc"),
+    "shared_bottom_domain_weighted_auc": ("shared_bottom", "test.domain_weighted_auc"),
+    "per_domain_towers_domain_weighted_auc": ("per_domain_towers", "test.domain_weighted_auc"),
+    "adaptdhm_cluster_entropy_ratio": ("adaptdhm", "clusters.entropy_ratio"),
+    "esmm_ctr_auc": ("esmm", "test.ctr_auc"),
+    "esmm_cvr_auc": ("esmm", "test.cvr_auc"),
+    "esmm_ctcvr_auc": ("esmm", "test.ctcvr_auc"),
+    "naive_cvr_auc": ("naive_cvr", "test.cvr_auc"),
+    "adaptdhm_train_s": ("adaptdhm", "train_wall_s"),
+    "shared_bottom_train_s": ("shared_bottom", "train_wall_s"),
+    "per_domain_towers_train_s": ("per_domain_towers", "train_wall_s"),
+    "armnet_test_logloss": ("armnet", "test.logloss"),
+    "autoint_test_logloss": ("autoint", "test.logloss"),
+}
+SUMMARY_KEYS = (*METRICS, "lr_test_auc")
 
 
 def one_hot(schema: FeatureSchema, table: Any) -> sparse.csr_matrix:
@@ -99,48 +142,95 @@ def logistic_regression(data_dir: Path, c_values: tuple[float, ...]) -> dict[str
     return best
 
 
-def run_cell(name: str, seed: int, data_dir: Path, work: Path, smoke: bool) -> dict[str, Any]:
-    config_file, overrides = MODELS[name]
+def run_cell(
+    name: str, seed: int, data_dirs: dict[str, Path], work: Path, smoke: bool
+) -> dict[str, Any]:
+    config_file, task = MODELS[name]
     overrides = [
-        *overrides,
         f"train.seed={seed}",
-        f"data.path={data_dir}",
+        f"data.path={data_dirs[task]}",
         f"output.run_root={work / 'runs'}",
         f"output.model_repo={work / 'repo'}",
         f"output.run_name={name}-seed{seed}-{int(time.time())}",
     ]
     if smoke:
-        overrides += ["train.max_epochs=1", "ray.num_workers=1", "model.num_layers=1"]
+        overrides += ["train.max_epochs=1", "ray.num_workers=1"]
     cfg = load_config(ROOT / config_file, overrides)
     started = time.perf_counter()
     result = train(cfg)
     run_dir = Path(cfg.output.run_root) / str(cfg.output.run_name)
     log_file = run_dir / "train.log"
-    return {
+    cell = {
         "model": name,
+        "task": task,
         "seed": seed,
         "config": cfg.model_dump(mode="json"),
         "result": result,
         "wall_s": time.perf_counter() - started,
         "log": log_file.read_text().splitlines() if log_file.exists() else [],
     }
+    if cfg.model.name == "adaptdhm":
+        cell["clusters"] = cluster_occupancy(Path(result["artifact"]), data_dirs[task])
+    return cell
+
+
+def cluster_occupancy(artifact: Path, data_dir: Path) -> dict[str, Any]:
+    """Which learned cluster each test row is routed to: counts, entropy / log K, and the
+    contingency with the true domains (occupations)."""
+    loaded = load_artifact(artifact)
+    model, schema = loaded.model.eval(), loaded.schema
+    table = pq.read_table(data_dir / "test.parquet")
+    with torch.no_grad():
+        output = model(features_from_encoded(schema, schema.encode(table)))
+    clusters = output.extras["cluster"].numpy()
+    k = int(output.extras["routing"].shape[1])
+    counts = np.bincount(clusters, minlength=k)
+    share = counts / counts.sum()
+    entropy = float(-(share[share > 0] * np.log(share[share > 0])).sum())
+    domains = np.asarray(table[schema.dataset.domain].to_pylist())
+    by_domain = {
+        str(d): np.bincount(clusters[domains == d], minlength=k).tolist()
+        for d in sorted(set(domains.tolist()))
+    }
+    return {
+        "k": k,
+        "counts": counts.tolist(),
+        "entropy": entropy,
+        "entropy_ratio": entropy / np.log(k) if k > 1 else 1.0,
+        "counts_by_domain": by_domain,
+    }
+
+
+def _read(cell: dict[str, Any], path: str) -> float:
+    result = cell["result"]
+    if path.startswith("test.") and "test" not in result:  # cells saved before result["test"]
+        return float(result[path.replace(".", "_")])
+    value: Any = {**result, **cell}
+    for part in path.split("."):
+        value = value[part]
+    return float(value)
 
 
 def summarise(cells: dict[str, Any], lr: dict[str, Any] | None) -> dict[str, Any]:
     summary: dict[str, Any] = {}
-    for name in MODELS:
-        runs = [c for c in cells.values() if c["model"] == name]
+    for key, (name, path) in METRICS.items():
+        runs = sorted((c for c in cells.values() if c["model"] == name), key=lambda c: c["seed"])
         if runs:
-            aucs = [c["result"]["test_auc"] for c in sorted(runs, key=lambda c: c["seed"])]
-            summary[f"{name}_test_auc"] = float(np.mean(aucs))
-            summary[f"{name}_test_auc_seeds"] = aucs
-            summary[f"{name}_test_auc_std"] = float(np.std(aucs))
-            summary[f"{name}_test_logloss"] = float(
-                np.mean([c["result"]["test_logloss"] for c in runs])
-            )
+            values = [_read(c, path) for c in runs]
+            summary[key] = float(np.mean(values))
+            summary[f"{key}_seeds"] = values
+            summary[f"{key}_std"] = float(np.std(values))
     if lr is not None:
         summary["lr_test_auc"] = lr["test_auc"]
     return summary
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    """One line per summary figure: mean, spread and seeds."""
+    for key in METRICS:
+        if key in summary:
+            seeds = ", ".join(f"{v:.4f}" for v in summary[f"{key}_seeds"])
+            print(f"{key:40s} {summary[key]:9.4f} +- {summary[f'{key}_std']:.4f}  [{seeds}]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         help="1 seed, 1 epoch, 1 worker, 1 layer: checks the plumbing and keys",
     )
     parser.add_argument("--fresh", action="store_true", help="ignore saved cells")
+    parser.add_argument(
+        "--models", nargs="+", choices=sorted(MODELS), default=None, help="default: all"
+    )
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument(
         "--work-dir",
@@ -162,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     data_root = args.data_dir or default_data_dir()
-    data_dir = data_root / "ml100k-ctr"
-    prepare_ml100k_ctr(data_dir, data_dir=data_root, show_progress=True)
+    data_dirs = {task: data_root / task for _, task in MODELS.values()}
+    for task, folder in data_dirs.items():
+        prepare_movielens(task, folder, data_dir=data_root, show_progress=True)
+    data_dir = data_dirs["ml100k-ctr"]
     work = args.work_dir or args.output.parent / f".{args.output.stem}_work"
     doc: dict[str, Any] = {"cells": {}}
     if args.output.exists() and not args.fresh:
@@ -174,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         doc.update(
             {
                 "benchmark": "model_quality",
-                "task": "ml100k-ctr",
+                "tasks": {name: task for name, (_, task) in MODELS.items()},
                 "smoke": args.smoke,
                 "git_sha": git_sha(),
                 "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -192,23 +287,26 @@ def main(argv: list[str] | None = None) -> int:
         doc["lr"] = logistic_regression(data_dir, (1.0,) if args.smoke else (0.3, 1.0))
         save()
     print(f"logistic regression: test auc {doc['lr']['test_auc']:.4f} (C={doc['lr']['C']})")
-    for name in MODELS:
+    for name in args.models or MODELS:
         for seed in seeds:
             key = f"{name}/seed{seed}"
             if key in doc["cells"]:
                 print(f"{key}: saved, test auc {doc['cells'][key]['result']['test_auc']:.4f}")
                 continue
-            doc["cells"][key] = run_cell(name, seed, data_dir, work, args.smoke)
+            doc["cells"][key] = run_cell(name, seed, data_dirs, work, args.smoke)
             save()
             r = doc["cells"][key]["result"]
+            extra = {k: r["test"][k] for k in ("cvr_auc", "ctcvr_auc") if k in r["test"]}
             print(
-                f"{key}: test auc {r['test_auc']:.4f} logloss {r['test_logloss']:.4f} "
+                f"{key}: test auc {r['test_auc']:.4f} logloss {r['test_logloss']:.4f} {extra} "
                 f"(best epoch {r['best_epoch']}, {doc['cells'][key]['wall_s']:.0f}s)"
             )
     save()
     summary = doc["summary"]
     print(json.dumps(summary, indent=2))
-    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    print_table(summary)
+    wanted = SUMMARY_KEYS if args.models is None else ()
+    missing = [k for k in wanted if k not in summary]
     if missing:
         print(f"model_quality: summary lacks {missing}", file=sys.stderr)
         return 1

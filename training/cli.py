@@ -131,6 +131,17 @@ def _print_result(result: dict[str, Any]) -> None:
         f"test auc={result.get('test_auc', float('nan')):.4f} "
         f"logloss={result.get('test_logloss', float('nan')):.4f}"
     )
+    # the per-task and per-domain figures beyond the first task's (ESMM, multi-domain)
+    test = result.get("test", {})
+    extra = [
+        f"{k}={test[k]:.4f}"
+        for k in ("ctr_auc", "cvr_auc", "ctcvr_auc", "domain_weighted_auc")
+        if k in test and not (k == "ctr_auc" and "cvr_auc" not in test)
+    ]
+    if extra:
+        print(
+            f"test {' '.join(extra)} (cvr on clicked rows; select on {result.get('select_metric')})"
+        )
     print(
         f"artifact: {result.get('artifact')} (parity max |diff| "
         f"{result.get('parity_max_abs_diff', float('nan')):.1e} on "

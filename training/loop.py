@@ -194,7 +194,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         final[0]["worker_peak_rss_mb"] = peak_rss
         (run_dir / RESULT_FILE).write_text(json.dumps(final[0], indent=2))
     dist.broadcast_object_list(final, src=0)
-    report("final", final[0] or {}, rank)
+    # Ray prints every reported dict: the headline figures only; result.json has the rest
+    headline = {k: v for k, v in (final[0] or {}).items() if not isinstance(v, dict)}
+    report("final", headline, rank)
 
 
 def _selected(metrics: dict[str, float], cfg: ExperimentConfig) -> float:

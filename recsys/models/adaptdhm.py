@@ -52,6 +52,10 @@ class AdaptDHMConfig(BaseModel):
             re-seeded to the batch row farthest from the other centres; must be below 1/K;
             0 disables re-seeding (and the data-driven initialisation on the first batch).
         occupancy_beta: momentum of the per-step EMA of each cluster's share of the rows.
+        max_centre_similarity: two centres whose cosine similarity exceeds this have merged
+            (soft routing pulls centres together, and hard routing between equal centres is
+            decided by rounding noise); the less occupied one is re-seeded like an empty
+            cluster. 1 disables the check.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -60,13 +64,14 @@ class AdaptDHMConfig(BaseModel):
     num_clusters: int = Field(default=3, ge=1)
     ema_beta: float = Field(default=0.9, ge=0.0, lt=1.0)
     routing_iterations: int = Field(default=3, ge=1)
-    routing_temperature: float = Field(default=0.1, gt=0.0)
+    routing_temperature: float = Field(default=0.05, gt=0.0)
     routing_input: Literal["bottom", "embedding"] = "bottom"
     bottom_hidden_units: tuple[Annotated[int, Field(ge=1)], ...] = (128,)
     tower_hidden_units: tuple[Annotated[int, Field(ge=1)], ...] = (64, 64)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     min_occupancy: float = Field(default=0.05, ge=0.0, lt=1.0)
     occupancy_beta: float = Field(default=0.9, ge=0.0, lt=1.0)
+    max_centre_similarity: float = Field(default=0.99, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _occupancy_floor_below_uniform(self) -> AdaptDHMConfig:
@@ -90,8 +95,9 @@ class _DistributionRouter(nn.Module):
     """The distribution adaptation module: K unit-norm centres updated by EMA dynamic routing.
 
     Training forward (all under no_grad, on detached unit-norm rows x_i):
-        1. re-seed every cluster whose occupancy EMA is below `min_occupancy` (emptiest first)
-           to the batch row least similar to its nearest kept centre;
+        1. re-seed every cluster whose occupancy EMA is below `min_occupancy`, or whose centre
+           has merged with a more occupied one (cosine > `max_centre_similarity`), emptiest
+           first, to the batch row least similar to its nearest kept centre;
         2. T times: r = softmax_k(<x, c_k> / tau); m_k = sum_i r_ik x_i / sum_i r_ik;
            c_k <- normalise(beta c_k + (1 - beta) m_k);
         3. r from the final centres; occupancy <- EMA of the hard-assignment shares.
@@ -117,6 +123,7 @@ class _DistributionRouter(nn.Module):
         self.temperature = config.routing_temperature
         self.min_occupancy = config.min_occupancy
         self.occupancy_beta = config.occupancy_beta
+        self.max_similarity = config.max_centre_similarity
         # Buffers, not parameters: no gradient, but saved in state_dict, moved by .to() and
         # exported with the artifact (the re-implementation's plain tensor is none of these).
         self.register_buffer("centres", F.normalize(torch.randn(config.num_clusters, dim), dim=-1))
@@ -167,8 +174,23 @@ class _DistributionRouter(nn.Module):
         shares = stats[:-1] / stats[-1].clamp_min(1.0)
         self.occupancy.mul_(self.occupancy_beta).add_((1 - self.occupancy_beta) * shares)
 
+    def _merged(self) -> torch.Tensor:
+        """(K,) bool: the centres that duplicate a more occupied one (ties: higher index)."""
+        merged = torch.zeros(self.num_clusters, dtype=torch.bool, device=self.centres.device)
+        if self.max_similarity >= 1.0 or self.min_occupancy <= 0:
+            return merged
+        similarity = self.centres @ self.centres.T
+        order = torch.argsort(-self.occupancy, stable=True).tolist()
+        for position, k in enumerate(order):
+            for j in order[:position]:
+                if not bool(merged[j]) and float(similarity[k, j]) > self.max_similarity:
+                    merged[k] = True
+                    break
+        return merged
+
     def _reseed(self, points: torch.Tensor, world: int) -> None:
-        low = self.occupancy < self.min_occupancy  # identical on every rank
+        # identical on every rank: centres and occupancy are
+        low = (self.occupancy < self.min_occupancy) | self._merged()
         if not bool(low.any()):
             return
         kept = ~low
@@ -258,7 +280,7 @@ class AdaptDHM(CTRModel):
         - A shared bottom MLP before routing and towers (the re-implementation feeds the raw
           embeddings to the towers); `bottom_hidden_units=()` and `routing_input="embedding"`
           restore that.
-        - Routed rows are L2-normalised and the softmax has a temperature tau (default 0.1):
+        - Routed rows are L2-normalised and the softmax has a temperature tau (default 0.05):
           unnormalised rows let the routing be dominated by their norm; normalised ones without
           a temperature give near-uniform r, and every centre drifts to the global mean.
         - m_k is the r-weighted mean of the rows, not their sum, so beta keeps its meaning for

@@ -22,7 +22,12 @@ from recsys.data.movielens import GENRES
 from recsys.embeddings.per_feature import EmbeddingConfig, build_embedding
 from recsys.features.batch import Batch, features_from_encoded
 from recsys.features.schema import FeatureSchema
-from recsys.models.adaptdhm import AdaptDHM, AdaptDHMConfig, occupancy_entropy
+from recsys.models.adaptdhm import (
+    AdaptDHM,
+    AdaptDHMConfig,
+    _DistributionRouter,
+    occupancy_entropy,
+)
 from tests.recsys.models import adaptdhm_dist_check
 from tests.tiny_data import OCCUPATIONS, make_tiny_table, planted_click, with_ctcvr
 
@@ -296,3 +301,24 @@ def test_ranks_keep_identical_centres_shaped_by_both_ranks_rows(
         assert not torch.allclose(
             rank0["centres"], _single_process_centres(tiny_schema, alone, fields), atol=1e-3
         )
+
+
+def test_merged_centres_are_separated_by_reseeding() -> None:
+    """Two equal centres would split their rows by rounding noise: the less occupied one is
+    re-seeded to the batch row farthest from the kept centres."""
+    config = AdaptDHMConfig(num_clusters=3, routing_iterations=1)
+    router = _DistributionRouter(config, 4)
+    with torch.no_grad():
+        router.centres.copy_(
+            torch.nn.functional.normalize(
+                torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1e-4, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]),
+                dim=-1,
+            )
+        )
+        router.occupancy.copy_(torch.tensor([0.5, 0.2, 0.3]))
+    points = torch.nn.functional.normalize(torch.randn(64, 4).abs(), dim=-1)
+    assert bool(router._merged()[1]) and not bool(router._merged()[0])
+    router.train()(points)
+    similarity = router.centres @ router.centres.T
+    assert float(similarity[0, 1]) < config.max_centre_similarity
+    assert not bool(router._merged().any())
