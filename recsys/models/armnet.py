@@ -21,9 +21,9 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys.embeddings.per_feature import EmbeddingConfig, FieldEmbedding, build_embedding
-from recsys.errors import ConfigError
 from recsys.features.batch import Features
 from recsys.features.schema import FeatureSchema
+from recsys.models.layers import check_ctr_inputs
 from recsys.models.outputs import CTRModel, ModelOutput
 
 # The official code clamps every numeric value into [0.001, 1] before the embedding.
@@ -222,17 +222,8 @@ class ARMNet(CTRModel):
         self, config: ARMNetConfig, embedding: FieldEmbedding, schema: FeatureSchema
     ) -> None:
         super().__init__()
+        check_ctr_inputs("model.armnet", embedding, schema)
         num_fields = schema.num_fields
-        if embedding.num_fields != num_fields:
-            raise ConfigError(
-                f"model.armnet: the embedding gives {embedding.num_fields} fields (expected "
-                f"{num_fields}, the schema's sparse + dense features); build it from this schema"
-            )
-        if "ctr" not in schema.tasks:
-            raise ConfigError(
-                f"model.armnet: trains the task 'ctr' (got schema tasks {list(schema.tasks)}); "
-                f"set `task: ctr` on the click label"
-            )
         self.config = config
         self.embedding = embedding
         dim = embedding.dim

@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from recsys.embeddings.per_feature import FieldEmbedding
-from recsys.errors import ConfigError
 from recsys.features.batch import Features
 from recsys.features.schema import FeatureSchema
+from recsys.models.layers import check_ctr_inputs
 from recsys.models.outputs import CTRModel, ModelOutput
 
 
@@ -198,17 +198,8 @@ class AutoInt(CTRModel):
         self, config: AutoIntConfig, embedding: FieldEmbedding, schema: FeatureSchema
     ) -> None:
         super().__init__()
+        check_ctr_inputs("model.autoint", embedding, schema)
         num_fields = schema.num_fields
-        if embedding.num_fields != num_fields:
-            raise ConfigError(
-                f"model.autoint: the embedding gives {embedding.num_fields} fields (expected "
-                f"{num_fields}, the schema's sparse + dense features); build it from this schema"
-            )
-        if "ctr" not in schema.tasks:
-            raise ConfigError(
-                f"model.autoint: trains the task 'ctr' (got schema tasks {list(schema.tasks)}); "
-                f"set `task: ctr` on the click label"
-            )
         self.config = config
         self.embedding = embedding
         in_dims = [embedding.dim] + [config.attention_dim] * (config.num_layers - 1)
