@@ -10,6 +10,7 @@ from sklearn.metrics import roc_auc_score
 
 from recsys.features.schema import fit_feature_schema
 from tests.tiny_data import TINY_MULTITASK_SCHEMA, make_tiny_table, with_ctcvr
+from training.jobs import PROB_PREFIX, metrics_from_predictions
 from training.loop import per_domain_metrics, split_metrics
 
 
@@ -70,3 +71,17 @@ def test_no_cvr_or_domain_metrics_without_their_inputs(table: pa.Table) -> None:
     metrics = split_metrics(schema, table.drop_columns(["occupation"]), probs)
     assert "cvr_auc" not in metrics and "domain_weighted_auc" not in metrics
     assert per_domain_metrics(schema, table.drop_columns(["occupation"]), probs) == {}
+
+
+def test_evaluate_report_has_cvr_on_clicked_rows(table: pa.Table) -> None:
+    """`recsys evaluate` (metrics_from_predictions) measures cvr as the trainer does."""
+    schema = fit_feature_schema(TINY_MULTITASK_SCHEMA, [table])
+    probs = _probs(table, 4)
+    predictions = table
+    for task, values in probs.items():
+        predictions = predictions.append_column(PROB_PREFIX + task, pa.array(values))
+    report = metrics_from_predictions(schema, predictions)
+    trainer = split_metrics(schema, table, probs)
+    assert set(report["tasks"]) == {"ctr", "ctcvr", "cvr"}
+    assert report["tasks"]["cvr"]["auc"] == pytest.approx(trainer["cvr_auc"], abs=1e-12)
+    assert report["tasks"]["cvr"]["num_rows"] == (table["click"].to_numpy() == 1).sum()
