@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from recsys.artifact import load_artifact, resolve_version_dir, score_table
 from recsys.errors import ArtifactError, ConfigError, DataError
 from recsys.features.schema import FeatureSchema
-from recsys.metrics import auc, binary_metrics
+from recsys.metrics import auc_by_group, binary_metrics
 from training.config import ExperimentConfig
 from training.data import (
     count_rows,
@@ -36,7 +36,7 @@ from training.data import (
     side_tables,
     split_files,
 )
-from training.loop import RESULT_FILE, RunPaths
+from training.loop import RESULT_FILE, RunPaths, cvr_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -296,15 +296,9 @@ def metrics_from_predictions(schema: FeatureSchema, table: pa.Table) -> dict[str
         task: dict[str, Any] = binary_metrics(labels, probs, groups)
         if dataset.domain and dataset.domain in table.column_names:
             domains = table[dataset.domain].cast(pa.string()).to_numpy(zero_copy_only=False)
-            per_domain = {}
-            for value in np.unique(domains):
-                mask = domains == value
-                if 0 < labels[mask].sum() < mask.sum():
-                    per_domain[str(value)] = {
-                        "auc": auc(labels[mask], probs[mask]),
-                        "num_rows": int(mask.sum()),
-                    }
-            task["per_domain"] = per_domain
+            # domains with both classes (the others have no AUC)
+            by_domain = auc_by_group(labels, probs, domains)
+            task["per_domain"] = {d: m for d, m in by_domain.items() if m["auc"] is not None}
         report["tasks"][label.task_name] = task
     # post-click conversion (ESMM's cvr): on clicked rows, the ctcvr label is the conversion
     tasks = {label.task_name: label.name for label in dataset.labels}
@@ -314,12 +308,12 @@ def metrics_from_predictions(schema: FeatureSchema, table: pa.Table) -> dict[str
         and {"ctr", "ctcvr"} <= set(tasks)
         and {tasks["ctr"], tasks["ctcvr"]} <= set(table.column_names)
     ):
-        clicked = table[tasks["ctr"]].to_numpy(zero_copy_only=False) == 1
         report["tasks"]["cvr"] = {
-            **binary_metrics(
-                table[tasks["ctcvr"]].to_numpy(zero_copy_only=False)[clicked].astype(np.float64),
-                table[cvr_col].to_numpy(zero_copy_only=False)[clicked],
-                None if groups is None else groups[clicked],
+            **cvr_metrics(
+                table[tasks["ctr"]].to_numpy(zero_copy_only=False),
+                table[tasks["ctcvr"]].to_numpy(zero_copy_only=False),
+                table[cvr_col].to_numpy(zero_copy_only=False),
+                groups,
             ),
             "rows": "clicked rows only; label = ctcvr (the conversion of a clicked row)",
         }

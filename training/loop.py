@@ -36,7 +36,7 @@ from recsys.embeddings import build_embedding
 from recsys.errors import ConfigError
 from recsys.features.batch import batch_from_encoded, features_from_encoded
 from recsys.features.schema import DOMAIN_COLUMN, FeatureSchema
-from recsys.metrics import auc, binary_metrics, gauc
+from recsys.metrics import auc_by_group, binary_metrics, gauc
 from recsys.models.outputs import CTRModel
 from recsys.models.registry import build_model
 from training.checkpoint import (
@@ -369,12 +369,7 @@ def split_metrics(
         if i == 0:
             metrics.update(values)
     if "cvr" in probs and "ctr" in labels_of and "ctcvr" in labels_of:
-        clicked = labels_of["ctr"] == 1
-        values = binary_metrics(
-            labels_of["ctcvr"][clicked],
-            probs["cvr"][clicked],
-            None if groups is None else groups[clicked],
-        )
+        values = cvr_metrics(labels_of["ctr"], labels_of["ctcvr"], probs["cvr"], groups)
         metrics.update({f"cvr_{k}": v for k, v in values.items()})
     domains = _domains(schema, table)
     first = schema.dataset.labels[0].task_name if schema.dataset.labels else None
@@ -383,10 +378,24 @@ def split_metrics(
     return metrics
 
 
+def cvr_metrics(
+    click: np.ndarray, ctcvr: np.ndarray, p_cvr: np.ndarray, groups: np.ndarray | None
+) -> dict[str, float]:
+    """Post-click conversion metrics on clicked rows only, where the ctcvr label (click AND
+    conversion) is the conversion (used by the trainer and by `recsys evaluate`)."""
+    clicked = click == 1
+    return binary_metrics(
+        ctcvr[clicked].astype(np.float64),
+        p_cvr[clicked],
+        None if groups is None else groups[clicked],
+    )
+
+
 def _domains(schema: FeatureSchema, table: pa.Table) -> np.ndarray | None:
     """The domain of every row: raw values, or encoded ids in `__domain__`; None without."""
     if schema.dataset.domain is not None and schema.dataset.domain in table.column_names:
-        return np.asarray(table[schema.dataset.domain].to_pylist(), dtype=object)
+        column = table[schema.dataset.domain].cast(pa.string())
+        return column.to_numpy(zero_copy_only=False)
     if DOMAIN_COLUMN in table.column_names:
         return table[DOMAIN_COLUMN].to_numpy(zero_copy_only=False)
     return None
@@ -404,18 +413,7 @@ def per_domain_metrics(
     if label.task_name not in probs or label.name not in table.column_names:
         return {}
     labels = table[label.name].to_numpy(zero_copy_only=False).astype(np.float64)
-    scores = probs[label.task_name]
-    table_rows: dict[str, dict[str, float | None]] = {}
-    for domain in sorted({str(d) for d in domains}):
-        mask = np.asarray([str(d) == domain for d in domains])
-        y = labels[mask]
-        both = 0 < y.sum() < len(y)
-        table_rows[domain] = {
-            "rows": int(mask.sum()),
-            "positive_rate": float(y.mean()),
-            "auc": auc(y, scores[mask]) if both else None,
-        }
-    return table_rows
+    return auc_by_group(labels, probs[label.task_name], domains)
 
 
 def _finish_on_rank0(

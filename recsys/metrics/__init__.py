@@ -7,6 +7,7 @@ workers) and computes over all rows. Depends on tensors only, never on `recsys.m
 from recsys.metrics.binary import (
     BinaryMetricAccumulator,
     auc,
+    auc_by_group,
     binary_metrics,
     calibration,
     gauc,
@@ -17,6 +18,7 @@ from recsys.metrics.binary import (
 __all__ = [
     "BinaryMetricAccumulator",
     "auc",
+    "auc_by_group",
     "binary_metrics",
     "calibration",
     "gauc",

@@ -369,6 +369,40 @@ def gauc(
     return _gauc(labels_arr, scores_arr, groups_arr)
 
 
+def auc_by_group(
+    labels: ArrayLike | torch.Tensor,
+    scores: ArrayLike | torch.Tensor,
+    groups: ArrayLike | torch.Tensor,
+) -> dict[str, dict[str, float | None]]:
+    """The per-group table behind `gauc`: {group: {rows, positive_rate, auc}}, groups sorted
+    by key, `auc` None for a group with one class. Same vectorised kernel as `gauc`.
+
+    Example:
+        >>> auc_by_group([0, 1, 0, 1, 1], [0.1, 0.9, 0.8, 0.2, 0.5], ["a", "a", "b", "b", "c"])
+        ... # doctest: +NORMALIZE_WHITESPACE
+        {'a': {'rows': 2, 'positive_rate': 0.5, 'auc': 1.0},
+         'b': {'rows': 2, 'positive_rate': 0.5, 'auc': 0.0},
+         'c': {'rows': 1, 'positive_rate': 1.0, 'auc': None}}
+    """
+    labels_arr, scores_arr = _checked(labels, scores, are_probs=False)
+    groups_arr = _as_groups(groups)
+    _check_same_length(labels_arr, groups_arr, "labels and groups")
+    keys, group_ids = np.unique(groups_arr, return_inverse=True)
+    group_ids = group_ids.reshape(-1).astype(np.intp, copy=False)
+    numerator, num_pos, num_neg = _grouped_auc_terms(
+        labels_arr, scores_arr, np.ones_like(labels_arr), group_ids
+    )
+    table: dict[str, dict[str, float | None]] = {}
+    for key, num, pos, neg in zip(keys, numerator, num_pos, num_neg, strict=True):
+        both = pos > 0 and neg > 0
+        table[str(key)] = {
+            "rows": int(pos + neg),
+            "positive_rate": float(pos / (pos + neg)),
+            "auc": float(num / (pos * neg)) if both else None,
+        }
+    return table
+
+
 def binary_metrics(
     labels: ArrayLike | torch.Tensor,
     probs: ArrayLike | torch.Tensor,
