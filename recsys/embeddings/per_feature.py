@@ -7,33 +7,14 @@ other variants (unified, mixed-dimension, low-rank) can be injected in its place
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from recsys.embeddings.config import EmbeddingConfig
 from recsys.features.batch import Features
 from recsys.features.schema import FeatureSchema
-
-
-class EmbeddingConfig(BaseModel):
-    """How sparse and dense fields are embedded.
-
-    Args:
-        variant: the embedding stack; `per_feature` is one table per sparse feature.
-        dim: embedding width D of every field.
-        init_scale: tables start as U(-init_scale, init_scale); the bounds travel in the
-            table configs, so sharded tables initialise the same way.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    variant: Literal["per_feature"] = "per_feature"
-    dim: int = Field(default=16, ge=1)
-    init_scale: float = Field(default=0.05, gt=0)
 
 
 def table_name(feature: str, prefix: str = "") -> str:
@@ -91,10 +72,37 @@ def build_embedding(
     device: torch.device | None = None,
     table_prefix: str = "",
 ) -> FieldEmbedding:
-    """Builds the field embedding for a schema. `device='meta'` defers allocation to DMP.
+    """Builds the field embedding `config.variant` names for a schema.
 
+    `device='meta'` defers the tables' allocation to DMP (every variant creates only its
+    EmbeddingBagCollection on `device`; its other parameters and buffers live on the CPU).
     `table_prefix` names the tables of a second embedding inside one model (ARM-Net+'s DNN
     has its own tables), so every table name in the model stays unique for the planner."""
+    if config.variant == "per_feature":
+        return build_per_feature_embedding(schema, config, device, table_prefix)
+    # Imported here: each variant's module imports this one (for FieldEmbedding).
+    if config.variant in ("hashed", "unified"):
+        from recsys.embeddings import unified
+
+        builder = (
+            unified.build_unified_embedding
+            if config.variant == "unified"
+            else unified.build_hashed_embedding
+        )
+    elif config.variant == "mixed_dim":
+        from recsys.embeddings.mixed_dim import build_mixed_dim_embedding as builder
+    else:
+        from recsys.embeddings.lowrank import build_lowrank_embedding as builder
+    return builder(schema, config, device, table_prefix)
+
+
+def build_per_feature_embedding(
+    schema: FeatureSchema,
+    config: EmbeddingConfig,
+    device: torch.device | None = None,
+    table_prefix: str = "",
+) -> FieldEmbedding:
+    """One table per sparse feature, `config.dim` wide, all ids exact."""
     tables = [
         EmbeddingBagConfig(
             num_embeddings=f.num_embeddings,

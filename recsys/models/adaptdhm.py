@@ -309,7 +309,7 @@ class AdaptDHM(CTRModel):
     Example:
         >>> import pyarrow as pa
         >>> from recsys.data.schema import DatasetSchema
-        >>> from recsys.embeddings.per_feature import EmbeddingConfig, build_embedding
+        >>> from recsys.embeddings import EmbeddingConfig, build_embedding
         >>> from recsys.features.batch import features_from_rows
         >>> from recsys.features.schema import fit_feature_schema
         >>> dataset = DatasetSchema.model_validate({"name": "toy", "columns": [

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from recsys.embeddings.per_feature import EmbeddingConfig, FieldEmbedding, build_embedding
+from recsys.embeddings import EmbeddingConfig, FieldEmbedding, build_embedding
 from recsys.features.batch import Features
 from recsys.features.schema import FeatureSchema
 from recsys.models.layers import check_ctr_inputs
@@ -202,7 +202,7 @@ class ARMNet(CTRModel):
     Example:
         >>> import pyarrow as pa
         >>> from recsys.data.schema import DatasetSchema
-        >>> from recsys.embeddings.per_feature import EmbeddingConfig, build_embedding
+        >>> from recsys.embeddings import EmbeddingConfig, build_embedding
         >>> from recsys.features.batch import features_from_rows
         >>> from recsys.features.schema import fit_feature_schema
         >>> dataset = DatasetSchema.model_validate({"name": "toy", "columns": [

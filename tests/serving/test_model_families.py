@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from recsys.artifact import write_artifact
-from recsys.embeddings.per_feature import EmbeddingConfig, build_embedding
+from recsys.embeddings import EmbeddingConfig, build_embedding
 from recsys.features.batch import features_from_encoded
 from recsys.features.schema import FeatureSchema, fit_feature_schema
 from recsys.models.registry import MODELS, build_model

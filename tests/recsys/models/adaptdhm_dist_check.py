@@ -43,7 +43,7 @@ def _run(rank: int, out_dir: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
-    from recsys.embeddings.per_feature import EmbeddingConfig, build_embedding
+    from recsys.embeddings import EmbeddingConfig, build_embedding
     from recsys.features.batch import features_from_encoded
     from recsys.features.schema import FeatureSchema
     from recsys.models.adaptdhm import AdaptDHM, AdaptDHMConfig

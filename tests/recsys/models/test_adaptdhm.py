@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from torch.nn import functional as F
 
 from recsys.data.movielens import GENRES
-from recsys.embeddings.per_feature import EmbeddingConfig, build_embedding
+from recsys.embeddings import EmbeddingConfig, build_embedding
 from recsys.features.batch import Batch, features_from_encoded
 from recsys.features.schema import FeatureSchema
 from recsys.models.adaptdhm import (

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys.data.schema import DatasetSchema
-from recsys.embeddings.per_feature import EmbeddingConfig, build_embedding
+from recsys.embeddings import EmbeddingConfig, build_embedding
 from recsys.errors import ConfigError
 from recsys.features.batch import Batch, Features, batch_from_encoded
 from recsys.features.schema import FeatureSchema, fit_feature_schema

@@ -14,7 +14,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from recsys.embeddings.per_feature import EmbeddingConfig, build_embedding
+from recsys.embeddings import EmbeddingConfig, build_embedding
 from recsys.errors import ConfigError
 from recsys.features.batch import Batch
 from recsys.features.schema import FeatureSchema

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from recsys.data.movielens import ML100K_CTR_SCHEMA
 from recsys.data.schema import DatasetSchema
-from recsys.embeddings.per_feature import EmbeddingConfig, build_embedding
+from recsys.embeddings import EmbeddingConfig, build_embedding
 from recsys.errors import ConfigError
 from recsys.features.batch import Batch, batch_from_encoded
 from recsys.features.schema import FeatureSchema, fit_feature_schema

@@ -19,7 +19,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys.artifact import load_artifact, write_artifact
-from recsys.embeddings.per_feature import EmbeddingConfig, build_embedding
+from recsys.embeddings import EmbeddingConfig, build_embedding
 from recsys.features.batch import Batch
 from recsys.features.schema import FeatureSchema
 from recsys.metrics import auc

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from recsys.embeddings.per_feature import EmbeddingConfig, build_embedding
+from recsys.embeddings import EmbeddingConfig, build_embedding
 from recsys.errors import ConfigError
 from recsys.features.batch import Batch, Features
 from recsys.features.schema import FeatureSchema, fit_feature_schema
