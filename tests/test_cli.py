@@ -12,7 +12,17 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ("data", "evaluate", "predict", "score", "serve", "train", "verify-artifact")
+COMMANDS = (
+    "compress",
+    "data",
+    "evaluate",
+    "predict",
+    "score",
+    "search-dims",
+    "serve",
+    "train",
+    "verify-artifact",
+)
 
 
 def _recsys(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
