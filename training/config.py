@@ -45,6 +45,11 @@ class DataConfig(_Strict):
         chunk_rows: rows the driver reads, encodes and shuffles at a time. It bounds the
             driver's memory whatever the split sizes; train rows are shuffled within a chunk,
             and the shard files are read in a new random order every epoch.
+        materialize_max_mb: a train split whose encoded columns take at most this many MB
+            (uncompressed, from the Parquet metadata) is read once into Ray's object store
+            and replayed every epoch; a larger one streams from Parquet every epoch, so
+            memory stays bounded. Re-reading costs seconds per epoch (Ray Data starts its
+            read tasks again), which dominates an epoch of a small set. 0 always streams.
     """
 
     dataset: Literal["ml100k-ctr", "ml100k-esmm", "ml100k-domains", "synthetic-ctr", "parquet"] = (
@@ -54,6 +59,7 @@ class DataConfig(_Strict):
     schema_file: str | None = None
     data_dir: str | None = None
     chunk_rows: int = Field(262_144, ge=1024)
+    materialize_max_mb: int = Field(1024, ge=0)
 
     @model_validator(mode="after")
     def _parquet_needs_path(self) -> DataConfig:

@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import ray
 import ray.data
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -55,6 +56,29 @@ def _quiet_data_context() -> None:
     context.print_on_execution_start = False
 
 
+def encoded_mb(folder: Path) -> float:
+    """Uncompressed size of the Parquet files under `folder` in MB, from their metadata."""
+    total = 0
+    for file in sorted(folder.rglob("*.parquet")):
+        metadata = pq.ParquetFile(file).metadata
+        total += sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    return total / 2**20
+
+
+def train_dataset(folder: Path, cfg: ExperimentConfig) -> ray.data.Dataset:
+    """The train split as a Ray dataset: materialised once when it is small enough
+    (`data.materialize_max_mb`), else streamed from Parquet every epoch."""
+    dataset = ray.data.read_parquet(str(folder), shuffle="files")
+    size_mb = encoded_mb(folder)
+    if size_mb > cfg.data.materialize_max_mb:
+        logger.info("train split: %.0f MB encoded, streamed from Parquet every epoch", size_mb)
+        return dataset
+    logger.info("train split: %.0f MB encoded, read once into the object store", size_mb)
+    # A new block order every epoch (the files' order was drawn once, at the read); rows are
+    # shuffled further within each worker's local shuffle buffer.
+    return dataset.materialize().randomize_block_order()
+
+
 def ray_storage_path(run_dir: Path) -> Path:
     """Ray Train's storage folder for the runs under run_dir's parent (checkpoints of run X
     are in `<storage>/X/`)."""
@@ -67,8 +91,7 @@ def run_trainer(cfg: ExperimentConfig, paths: RunPaths) -> None:
     _quiet_data_context()
     # Only train goes through Ray Data (each worker gets its shard); every worker streams
     # valid from the run folder in row order, as distributed evaluation needs.
-    encoded = Path(paths.encoded_dir)
-    datasets = {"train": ray.data.read_parquet(str(encoded / "train"), shuffle="files")}
+    datasets = {"train": train_dataset(Path(paths.encoded_dir) / "train", cfg)}
     env = {
         "OMP_NUM_THREADS": str(cfg.ray.threads_per_worker),
         "MKL_NUM_THREADS": str(cfg.ray.threads_per_worker),

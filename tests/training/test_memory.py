@@ -62,6 +62,8 @@ def _train(data: Path, work: Path, name: str) -> dict[str, Any]:
             "--set",
             "data.dataset=parquet",
             "--set",
+            "data.materialize_max_mb=0",  # the streaming path is what this test bounds
+            "--set",
             f"data.path={data}",
             "--set",
             f"data.schema_file={data / 'schema.yaml'}",

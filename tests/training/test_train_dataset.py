@@ -1,0 +1,66 @@
+"""The train split reaches the workers through Ray Data: read once into the object store when
+it is small (`data.materialize_max_mb`), streamed from Parquet every epoch otherwise; both give
+every row once per pass."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from training.config import load_config
+from training.ray_runner import encoded_mb, train_dataset
+
+ROWS_PER_FILE = 5000
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture()
+def train_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for part in range(3):
+        ids = pa.array(range(part * ROWS_PER_FILE, (part + 1) * ROWS_PER_FILE), pa.int64())
+        pq.write_table(pa.table({"row": ids, "x": ids}), folder / f"part-{part}.parquet")
+    return folder
+
+
+def test_encoded_size_is_the_uncompressed_column_bytes(train_folder: Path) -> None:
+    # 15,000 rows x 2 int64 columns = 240 kB of values (plus a little per-page overhead)
+    assert 240_000 / 2**20 <= encoded_mb(train_folder) < 1.3 * 240_000 / 2**20
+
+
+def _rows(dataset: ray.data.Dataset) -> list[int]:
+    batches = dataset.iter_batches(batch_format="pyarrow")
+    return sorted(row for batch in batches for row in batch["row"].to_pylist())
+
+
+def test_a_small_split_is_read_once_and_replayed_every_epoch(
+    local_ray: None, train_folder: Path
+) -> None:
+    dataset = train_dataset(train_folder, load_config(None, ["data.materialize_max_mb=1024"]))
+    shutil.rmtree(train_folder)  # read once: the Parquet files are no longer needed
+    for _ in range(2):  # two epochs: every row exactly once in each
+        assert _rows(dataset) == list(range(3 * ROWS_PER_FILE))
+
+
+def test_a_split_over_the_limit_streams_from_parquet(local_ray: None, train_folder: Path) -> None:
+    dataset = train_dataset(train_folder, load_config(None, ["data.materialize_max_mb=0"]))
+    assert _rows(dataset) == list(range(3 * ROWS_PER_FILE))
+    shutil.rmtree(train_folder)  # streamed: the next epoch reads the files again
+    with pytest.raises(Exception, match=r"part-|No such file|not found|FileNotFound"):
+        _rows(dataset)
