@@ -1,0 +1,307 @@
+"""Embedding trade-offs: parameters against test AUC for fixed widths, DNIS's searched mixed
+dimensions, low-rank compression, and unified (multiplexed) embeddings against per-feature
+tables and per-feature hashing at equal budgets.
+
+Parts (all AutoInt, trained by the project's own trainer, 2 Ray workers, sharded tables):
+  fixed     per-feature tables at d in {2, 4, 8, 16, 32} on ml100k-ctr, 3 seeds: the fixed-d
+            curve (the same trainer, epoch budget and seeds as DNIS's retrain)
+  dnis      `recsys search-dims` (search + pruning + retrain from scratch), 3 seeds
+  lowrank   AutoInt+ (DNN [400, 400]) trained, compressed by activation PCA to a 3x smaller
+            model and fine-tuned; weight SVD at the same ranks and a small model trained from
+            scratch at about the same size, 3 seeds
+  unified   ml100k-ctr, 3 seeds: unified and hashed at budgets of a quarter and a half of the
+            d=16 collisionless parameter count (per-feature tables at those budgets are the
+            fixed-d points d=4 and d=8)
+  synthetic synthetic-ctr (1M rows, vocabularies up to 10M so collisions matter), 1 seed:
+            per-feature at d in {4, 16} and unified / hashed at a few budgets
+
+Prints figures and writes benchmarks/results/embedding_tradeoffs.json: per-cell results
+(config, metrics, embedding parameters, the run's log), git sha, machine, date and a `summary`.
+Each cell is saved as soon as it finishes and skipped when the script runs again, so a sweep
+can span sessions (`--fresh` starts over; `--parts` runs some parts only).
+
+    python benchmarks/embedding_tradeoffs.py                      # everything (hours)
+    python benchmarks/embedding_tradeoffs.py --parts fixed dnis   # some parts
+    python benchmarks/embedding_tradeoffs.py --smoke --output /tmp/et.json   # minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import git_sha, machine  # benchmarks/ is the script folder on sys.path
+
+from recsys.data.movielens import default_data_dir, prepare_movielens
+from training.config import ExperimentConfig, load_config
+from training.jobs import train
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "embedding_tradeoffs.json"
+AUTOINT = ROOT / "configs" / "autoint_ml100k.yaml"
+SEEDS = (0, 1, 2)
+FIXED_DIMS = (2, 4, 8, 16, 32)
+PARTS = ("fixed", "dnis", "lowrank", "unified", "synthetic")
+# unified / hashed budgets on ml100k-ctr, as fractions of the d=16 collisionless parameters
+ML100K_BUDGET_FRACTIONS = (0.25, 0.5)
+SYNTHETIC_ROWS = 1_000_000
+SYNTHETIC_DIMS = (4, 16)
+SYNTHETIC_BUDGET_FRACTIONS = (1 / 32, 1 / 8)
+SUMMARY_KEYS = (
+    "d16_test_auc",
+    "d16_embedding_params",
+    "dnis_test_auc",
+    "dnis_embedding_params",
+    "dnis_fixed_curve_auc_at_same_params",
+    "lowrank_size_ratio",
+    "lowrank_test_auc",
+    "uncompressed_test_auc",
+    "weight_svd_test_auc",
+    "unified_ml100k_pareto",
+    "per_feature_ml100k_pareto",
+    "unified_synthetic_pareto",
+    "per_feature_synthetic_pareto",
+)
+
+
+def embedding_params(artifact: Path) -> int:
+    """Parameters in the artifact's embedding tables (rows x width summed over tables)."""
+    config = json.loads((artifact / "config.json").read_text())
+    return int(sum(math.prod(shape) for shape in config["tables"].values()))
+
+
+def _log_lines(cfg: ExperimentConfig) -> list[str]:
+    log_file = Path(cfg.output.run_root) / str(cfg.output.run_name) / "train.log"
+    return log_file.read_text().splitlines() if log_file.exists() else []
+
+
+def train_cell(
+    config_file: Path, overrides: list[str], work: Path, name: str, smoke: bool
+) -> dict[str, Any]:
+    """One `recsys train` run; its result, the embedding parameters and the log."""
+    overrides = [
+        *overrides,
+        f"output.run_root={work / 'runs'}",
+        f"output.model_repo={work / 'repo'}",
+        f"output.model_name={name.replace('/', '_')}",
+        f"output.run_name={name.replace('/', '_')}-{int(time.time())}",
+        "output.verify_serving=false",
+    ]
+    if smoke:
+        overrides += ["train.max_epochs=1", "ray.num_workers=1"]
+    cfg = load_config(config_file, overrides)
+    started = time.perf_counter()
+    result = train(cfg)
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "result": result,
+        "test_auc": result["test_auc"],
+        "embedding_params": embedding_params(Path(result["artifact"])),
+        "wall_s": time.perf_counter() - started,
+        "log": _log_lines(cfg),
+    }
+
+
+# --- the cells of each part: name -> a function that runs it ----------------------------------
+Cell = Callable[[], dict[str, Any]]
+
+
+def fixed_cells(ml100k: Path, work: Path, smoke: bool) -> dict[str, Cell]:
+    dims = (4, 8) if smoke else FIXED_DIMS
+    seeds = SEEDS[:1] if smoke else SEEDS
+    return {
+        f"fixed/d{d}/seed{seed}": (
+            lambda d=d, seed=seed: train_cell(
+                AUTOINT,
+                [f"data.path={ml100k}", f"embedding.dim={d}", f"train.seed={seed}"],
+                work,
+                f"fixed-d{d}-seed{seed}",
+                smoke,
+            )
+        )
+        for d in dims
+        for seed in seeds
+    }
+
+
+def collisionless_params(ml100k: Path, dim: int) -> int:
+    """Rows of every per-feature table of ml100k-ctr times `dim` (the fitted vocabularies)."""
+    from recsys.data.schema import DatasetSchema
+    from recsys.features.schema import fit_feature_schema
+    from training.data import iter_tables, split_files
+
+    dataset = DatasetSchema.from_yaml(ml100k / "schema.yaml")
+    schema = fit_feature_schema(dataset, iter_tables(split_files(ml100k, "train")))
+    return sum(f.num_embeddings for f in schema.sparse) * dim
+
+
+def budget_cells(
+    prefix: str,
+    data_overrides: list[str],
+    budgets: dict[str, int],
+    seeds: tuple[int, ...],
+    work: Path,
+    smoke: bool,
+) -> dict[str, Cell]:
+    cells: dict[str, Cell] = {}
+    for variant in ("unified", "hashed"):
+        for label, budget in budgets.items():
+            for seed in seeds:
+                name = f"{prefix}/{variant}/{label}/seed{seed}"
+                overrides = [
+                    *data_overrides,
+                    f"embedding.variant={variant}",
+                    f"embedding.param_budget={budget}",
+                    f"train.seed={seed}",
+                ]
+                cells[name] = lambda o=overrides, n=name: train_cell(
+                    AUTOINT, o, work, n.replace("/", "-"), smoke
+                )
+    return cells
+
+
+# --- summary ----------------------------------------------------------------------------------
+def _mean(cells: dict[str, Any], prefix: str, key: str = "test_auc") -> float | None:
+    values = [c[key] for name, c in cells.items() if name.startswith(prefix) and key in c]
+    return float(np.mean(values)) if values else None
+
+
+def pareto_points(cells: dict[str, Any], prefix: str, labels: list[str]) -> list[list[float]]:
+    """[embedding params, mean test AUC over seeds] per label, sorted by parameters."""
+    points = []
+    for label in labels:
+        auc = _mean(cells, f"{prefix}/{label}/")
+        params = _mean(cells, f"{prefix}/{label}/", "embedding_params")
+        if auc is not None and params is not None:
+            points.append([params, auc])
+    return sorted(points)
+
+
+def interpolate(curve: list[list[float]], params: float) -> float | None:
+    """AUC of a [params, AUC] curve at `params`, linear in log(params) between neighbours."""
+    if len(curve) < 2 or not curve[0][0] <= params <= curve[-1][0]:
+        return None
+    xs = np.log([p for p, _ in curve])
+    return float(np.interp(np.log(params), xs, [a for _, a in curve]))
+
+
+def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    fixed = pareto_points(cells, "fixed", [f"d{d}" for d in FIXED_DIMS])
+    summary["fixed_d_ml100k_curve"] = fixed
+    summary["per_feature_ml100k_pareto"] = fixed
+    if (auc := _mean(cells, "fixed/d16/")) is not None:
+        summary["d16_test_auc"] = auc
+        summary["d16_embedding_params"] = _mean(cells, "fixed/d16/", "embedding_params")
+    labels = list(budgets.get("ml100k", {}))
+    for variant in ("unified", "hashed"):
+        summary[f"{variant}_ml100k_pareto"] = pareto_points(cells, f"ml100k/{variant}", labels)
+    dnis_auc = _mean(cells, "dnis/")
+    if dnis_auc is not None:
+        dnis_params = _mean(cells, "dnis/", "embedding_params")
+        summary["dnis_test_auc"] = dnis_auc
+        summary["dnis_embedding_params"] = dnis_params
+        assert dnis_params is not None
+        summary["dnis_fixed_curve_auc_at_same_params"] = interpolate(fixed, dnis_params)
+        if "d16_embedding_params" in summary:
+            summary["dnis_params_ratio_vs_d16"] = summary["d16_embedding_params"] / dnis_params
+    for key in ("uncompressed", "lowrank", "weight_svd", "small_scratch"):
+        if (auc := _mean(cells, "lowrank/", f"{key}_test_auc")) is not None:
+            summary[f"{key}_test_auc"] = auc
+    if (ratio := _mean(cells, "lowrank/", "size_ratio")) is not None:
+        summary["lowrank_size_ratio"] = ratio
+    synth_labels = list(budgets.get("synthetic", {}))
+    summary["per_feature_synthetic_pareto"] = pareto_points(
+        cells, "synthetic/fixed", [f"d{d}" for d in SYNTHETIC_DIMS]
+    )
+    for variant in ("unified", "hashed"):
+        summary[f"{variant}_synthetic_pareto"] = pareto_points(
+            cells, f"synthetic/{variant}", synth_labels
+        )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--smoke", action="store_true", help="1 seed, 1 epoch, tiny sets")
+    parser.add_argument("--fresh", action="store_true", help="ignore saved cells")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--work-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    data_root = args.data_dir or default_data_dir()
+    ml100k = data_root / "ml100k-ctr"
+    prepare_movielens("ml100k-ctr", ml100k, data_dir=data_root, show_progress=True)
+    work = args.work_dir or args.output.parent / f".{args.output.stem}_work"
+    doc: dict[str, Any] = {"cells": {}}
+    if args.output.exists() and not args.fresh:
+        doc = json.loads(args.output.read_text())
+    seeds = SEEDS[:1] if args.smoke else SEEDS
+    d16 = collisionless_params(ml100k, 16)
+    doc["budgets"] = {
+        "ml100k_collisionless_d16": d16,
+        "ml100k": {
+            f"b{fraction:g}": int(fraction * d16)
+            for fraction in (ML100K_BUDGET_FRACTIONS[:1] if args.smoke else ML100K_BUDGET_FRACTIONS)
+        },
+    }
+
+    def save() -> None:
+        doc.update(
+            {
+                "benchmark": "embedding_tradeoffs",
+                "smoke": args.smoke,
+                "git_sha": git_sha(),
+                "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "machine": machine(),
+                "summary": summarise(doc["cells"], doc["budgets"]),
+            }
+        )
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.output.with_suffix(".partial.json")
+        tmp.write_text(json.dumps(doc, indent=2))
+        tmp.replace(args.output)
+
+    plan: dict[str, Cell] = {}
+    if "fixed" in args.parts:
+        plan.update(fixed_cells(ml100k, work, args.smoke))
+    if "unified" in args.parts:
+        plan.update(
+            budget_cells(
+                "ml100k", [f"data.path={ml100k}"], doc["budgets"]["ml100k"], seeds, work, args.smoke
+            )
+        )
+    for name, run in plan.items():
+        if name in doc["cells"]:
+            print(f"{name}: saved, test auc {doc['cells'][name]['test_auc']:.4f}")
+            continue
+        doc["cells"][name] = run()
+        save()
+        cell = doc["cells"][name]
+        print(
+            f"{name}: test auc {cell['test_auc']:.4f}, embedding params "
+            f"{cell['embedding_params']:,} ({cell['wall_s']:.0f}s)",
+            flush=True,
+        )
+    save()
+    summary = doc["summary"]
+    print(json.dumps(summary, indent=2))
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    if missing and set(args.parts) == set(PARTS):
+        print(f"embedding_tradeoffs: summary lacks {missing}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
