@@ -171,6 +171,36 @@ class ExperimentConfig(_Strict):
             return {"name": "autoint", **value}
         return value
 
+    @field_validator("embedding")
+    @classmethod
+    def _shardable_widths(cls, value: EmbeddingConfig) -> EmbeddingConfig:
+        # TorchRec's sharded table kernels (FBGEMM) assert that every table's width is a
+        # multiple of 4; say so here, naming the key, instead of in a worker's traceback.
+        for key, width in table_widths(value):
+            if width % 4:
+                raise ValueError(
+                    f"{key}={width}: sharded training needs every embedding table's width to "
+                    f"be a multiple of 4 (FBGEMM's table kernels); use a multiple of 4"
+                )
+        return value
+
+
+def table_widths(config: EmbeddingConfig) -> list[tuple[str, int]]:
+    """(config key, width) of the tables an embedding config creates (empty blocks aside)."""
+    widths = [("embedding.dim", config.dim)]
+    if config.variant == "unified":
+        widths.append(("embedding.unified.chunk_dim", config.unified.chunk_dim))
+    if config.variant == "mixed_dim" and config.mixed_dim is not None:
+        for field, blocks in config.mixed_dim.fields.items():
+            for index, block in enumerate(blocks):
+                if block.kept:
+                    key = f"embedding.mixed_dim.fields.{field}[{index}] kept width"
+                    widths.append((key, len(block.kept)))
+    if config.variant == "lowrank" and config.lowrank is not None:
+        for field, rank in config.lowrank.ranks.items():
+            widths.append((f"embedding.lowrank.ranks.{field}", rank))
+    return widths
+
 
 def _parse_value(text: str) -> Any:
     """`--set` values are YAML scalars/lists: `3`, `1e-3`, `true`, `[400, 400]`, `null`."""

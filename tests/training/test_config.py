@@ -188,3 +188,36 @@ def test_config_is_frozen() -> None:
     cfg = load_config(AUTOINT_YAML)
     with pytest.raises(ValueError, match="frozen"):
         cfg.train.seed = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["embedding.dim=6"], "embedding.dim=6"),
+        (
+            [
+                "embedding.variant=unified",
+                "embedding.param_budget=4000",
+                "embedding.unified.chunk_dim=2",
+            ],
+            "embedding.unified.chunk_dim=2",
+        ),
+        (
+            ["embedding.variant=lowrank", "embedding.lowrank={ranks: {user_id: 3}}"],
+            "embedding.lowrank.ranks.user_id=3",
+        ),
+    ],
+)
+def test_table_widths_not_divisible_by_4_are_refused_naming_the_key(
+    overrides: list[str], key: str
+) -> None:
+    with pytest.raises(ConfigError, match="multiple of 4") as info:
+        load_config(None, overrides)
+    assert key in str(info.value)
+
+
+def test_widths_divisible_by_4_are_accepted() -> None:
+    cfg = load_config(
+        None, ["embedding.variant=lowrank", "embedding.lowrank={ranks: {user_id: 4}}"]
+    )
+    assert cfg.embedding.lowrank is not None and cfg.embedding.lowrank.ranks == {"user_id": 4}
