@@ -123,10 +123,8 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obj
                 [
                     sys.executable,
                     "-c",
-                    (
-                        "import sys; from ray.util.state import list_nodes; "
-                        "print(len(list_nodes(address=sys.argv[1], filters=[('state','=','ALIVE')])))"
-                    ),
+                    ("import sys; from ray.util.state import list_nodes; "
+                    "print(len(list_nodes(address=sys.argv[1], filters=[('state','=','ALIVE')])))"),
                     dashboard_url,
                 ],
                 env=env,
