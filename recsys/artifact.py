@@ -31,8 +31,9 @@ import torch
 from pydantic import BaseModel, ValidationError
 from safetensors.torch import load_file, save_file
 
+from recsys.compression.factorized import apply_compression
 from recsys.embeddings import EmbeddingConfig, build_embedding
-from recsys.errors import ArtifactError
+from recsys.errors import ArtifactError, ConfigError
 from recsys.features.batch import features_from_encoded
 from recsys.features.schema import FeatureSchema
 from recsys.models.outputs import CTRModel
@@ -104,10 +105,13 @@ def write_artifact(
     schema: FeatureSchema,
     metrics: dict[str, Any],
     side_tables: dict[str, pa.Table] | None = None,
+    compression: dict[str, Any] | None = None,
 ) -> Path:
     """Writes a new version of `name` and returns its folder.
 
     `model` must be unsharded (full tables); its state dict is saved as safetensors.
+    `compression` (from `recsys compress`) lists the factorised layers; it is stored in
+    config.json so `load_artifact` rebuilds them before loading the weights.
     """
     model_dir = Path(model_repo) / name
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -124,6 +128,8 @@ def write_artifact(
             "served_tasks": list(model.served_tasks),
             "trained_tasks": list(model.trained_tasks),
         }
+        if compression is not None:
+            config["compression"] = compression
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if side_tables:
@@ -221,6 +227,11 @@ def load_artifact(path: str | Path) -> Artifact:
         ) from e
     schema = FeatureSchema.load(path)
     model = build_model(model_config, build_embedding(schema, embedding_config), schema)
+    if "compression" in config:
+        try:
+            apply_compression(model, config["compression"])
+        except ConfigError as e:
+            raise ArtifactError(f"artifact {path}: config.json compression: {e}") from e
     state = load_file(str(path / WEIGHTS))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -1,0 +1,330 @@
+"""`recsys compress`: low-rank compression of a trained artifact into a new artifact version.
+
+artifact + its training data -> activation statistics -> ranks (a size ratio or retained
+energy) -> factorised model -> fine-tuning -> MODEL_REPO/<name>/<next version>/ whose
+config.json lists the factorised layers. Prints the ranks, sizes and valid/test AUC before
+compression, after it and after fine-tuning. Library errors become one line on stderr and exit
+code 2 (the training CLI's convention, re-implemented because recsys never imports training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from recsys.errors import ArtifactError, ConfigError, DataError, SchemaError
+
+USER_ERRORS = (ConfigError, SchemaError, DataError, ArtifactError)
+SPLITS = ("train", "valid", "test")
+
+
+def _run(fn: Callable[[], int]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        return fn()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)  # noqa: T201 - the CLI's one error line
+        return 2
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)  # noqa: T201 - this module is a CLI entry point that prints results
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recsys compress",
+        description="Compress a trained artifact by activation PCA (low-rank layers and "
+        "tables), fine-tune it, and write it as a new version.",
+    )
+    parser.add_argument(
+        "--artifact",
+        type=Path,
+        required=True,
+        help="MODEL_REPO/<name>[/<version>] (newest version by default)",
+    )
+    rule = parser.add_mutually_exclusive_group()
+    rule.add_argument(
+        "--target-ratio",
+        type=float,
+        default=None,
+        help="shrink the whole model at least this many times (e.g. 3)",
+    )
+    rule.add_argument(
+        "--energy",
+        type=float,
+        default=None,
+        help="instead: keep this share of every layer's output variance (default 0.95)",
+    )
+    data = parser.add_argument_group("data (raw labelled Parquet, encoded with the artifact)")
+    data.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="folder with train/valid/test as <split>.parquet or <split>/*.parquet",
+    )
+    data.add_argument(
+        "--dataset",
+        default=None,
+        help="a prepared dataset under --data-dir (default: the folder the artifact was "
+        "trained on, else ml100k-ctr)",
+    )
+    data.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="dataset cache folder (default $RECSYS_DATA or ~/.cache/recsys)",
+    )
+    layers = parser.add_argument_group("layers and method")
+    layers.add_argument("--method", choices=["pca", "svd"], default="pca")
+    layers.add_argument(
+        "--include",
+        nargs="+",
+        default=["*"],
+        metavar="PATTERN",
+        help="layers to compress (fnmatch on names such as dnn.0, layers.1.query, "
+        "embedding.user_id); default every layer that can shrink",
+    )
+    layers.add_argument(
+        "--exclude", nargs="+", default=[], metavar="PATTERN", help="layers to keep dense"
+    )
+    layers.add_argument(
+        "--rank",
+        action="append",
+        default=[],
+        metavar="NAME=K",
+        help="pin a layer's rank (repeatable)",
+    )
+    layers.add_argument(
+        "--ada-act", action="store_true", help="ReLU between the two factors (Ada_Act)"
+    )
+    layers.add_argument(
+        "--compare-svd",
+        action="store_true",
+        help="also fine-tune and report the weight-SVD baseline at the same ranks",
+    )
+    tune = parser.add_argument_group("fine-tuning")
+    tune.add_argument("--epochs", type=int, default=2, help="0 skips fine-tuning")
+    tune.add_argument("--dense-lr", type=float, default=1e-4)
+    tune.add_argument("--table-lr", type=float, default=5e-3)
+    tune.add_argument("--batch-size", type=int, default=1024)
+    tune.add_argument("--patience", type=int, default=1)
+    tune.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)",
+    )
+    out = parser.add_argument_group("output")
+    out.add_argument("--name", default=None, help="model name (default: the artifact's)")
+    out.add_argument(
+        "--model-repo",
+        type=Path,
+        default=None,
+        help="model repository (default: the artifact's, MODEL_REPO of MODEL_REPO/<name>/<v>)",
+    )
+    return parser
+
+
+def compress(argv: list[str]) -> int:
+    """`recsys compress --artifact DIR [--target-ratio R | --energy E] [--data PATH] ...`"""
+    args = _parser().parse_args(argv)
+
+    def go() -> int:
+        import torch
+
+        from recsys.artifact import load_artifact, resolve_version_dir
+
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ConfigError(f"--threads: must be >= 1 (got {args.threads})")
+            torch.set_num_threads(args.threads)
+
+        version_dir = resolve_version_dir(args.artifact)
+        artifact = load_artifact(version_dir)
+        options = _options(args)
+        data_info, splits = _locate_data(args, artifact.metrics)
+        _say(f"compressing {version_dir} with data from {data_info['path']}")
+        return _compress(artifact, options, splits, data_info, version_dir, args)
+
+    return _run(go)
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from recsys.compression.lowrank import CompressionOptions
+
+    pinned = {}
+    for item in args.rank:
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ConfigError(f"--rank: '{item}' is not NAME=K with an integer K (e.g. dnn.3=64)")
+        pinned[name.strip()] = int(value)
+    raw = {
+        "method": args.method,
+        "target_ratio": args.target_ratio,
+        "energy": args.energy if args.energy is not None or args.target_ratio else 0.95,
+        "include": tuple(args.include),
+        "exclude": tuple(args.exclude),
+        "ranks": pinned,
+        "ada_act": args.ada_act,
+        "compare_svd": args.compare_svd,
+        "fine_tune": {
+            "epochs": args.epochs,
+            "dense_lr": args.dense_lr,
+            "table_lr": args.table_lr,
+            "batch_size": args.batch_size,
+            "patience": args.patience,
+            "seed": args.seed,
+        },
+    }
+    try:
+        return CompressionOptions.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "options"
+        raise ConfigError(f"compress: {where}: {first['msg']} (got {first.get('input')!r})") from e
+
+
+def _split_files(root: Path, split: str) -> list[Path]:
+    single = root / f"{split}.parquet"
+    if single.exists():
+        return [single]
+    folder = root / split
+    shards = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if not shards:
+        raise DataError(
+            f"compress: no Parquet for split '{split}' under {root} (expected {single} or "
+            f"{folder}/*.parquet); pass --data with the folder the model was trained on"
+        )
+    return shards
+
+
+def _locate_data(
+    args: argparse.Namespace, stored: dict[str, Any]
+) -> tuple[dict[str, str], dict[str, list[Path]]]:
+    """The raw splits: --data; else --dataset under the data dir; else the folder the artifact
+    records (metrics.json `data.path`); else ml100k-ctr under the data dir (prepared on first
+    use, like training does)."""
+    from recsys.data.movielens import MOVIELENS_TASKS, default_data_dir, prepare_movielens
+
+    recorded = stored.get("data", {}) if isinstance(stored.get("data"), dict) else {}
+    if args.data is not None:
+        root, dataset = args.data, recorded.get("dataset", "parquet")
+    elif args.dataset is None and recorded.get("path") and Path(recorded["path"]).is_dir():
+        root, dataset = Path(recorded["path"]), recorded.get("dataset", "parquet")
+    else:
+        dataset = args.dataset or "ml100k-ctr"
+        data_dir = args.data_dir or default_data_dir()
+        root = data_dir / dataset
+        if dataset in MOVIELENS_TASKS:
+            prepare_movielens(dataset, root, data_dir=data_dir, show_progress=True)
+    return {"dataset": dataset, "path": str(Path(root).resolve())}, {
+        split: _split_files(Path(root), split) for split in SPLITS
+    }
+
+
+def _compress(
+    artifact: Any,
+    options: Any,
+    splits: dict[str, list[Path]],
+    data_info: dict[str, str],
+    version_dir: Path,
+    args: argparse.Namespace,
+) -> int:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from recsys.artifact import WEIGHTS, load_artifact, score_table, write_artifact
+    from recsys.compression.lowrank import compress_trained_model, rank_summary
+
+    run = compress_trained_model(
+        artifact.model,
+        artifact.model_config,
+        artifact.embedding_config,
+        artifact.schema,
+        splits,
+        options,
+        show_progress=True,
+    )
+    compressed, sizes = run.compressed, run.sizes
+    final = "fine_tuned" if "fine_tuned" in run.metrics["test"] else "compressed"
+    report = {
+        "source": str(version_dir),
+        "params_before": sizes["params_before"],
+        "params_after": sizes["params_after"],
+        "param_ratio": sizes["params_before"] / sizes["params_after"],
+        "bytes_before": sizes["bytes_before"],
+        "bytes_after": sizes["bytes_after"],
+        "layers": compressed.layers,
+        "stages": run.metrics,
+        "options": options.model_dump(mode="json"),
+    }
+    if "svd_params_after" in sizes:
+        report["svd_params_after"] = sizes["svd_params_after"]
+    if run.fine_tune is not None:
+        report["fine_tune"] = {
+            "best_epoch": run.fine_tune.best_epoch,
+            "valid_auc": [m["auc"] for m in run.fine_tune.history],
+        }
+    metrics = {
+        "valid": run.metrics["valid"][final],
+        "test": run.metrics["test"][final],
+        "data": data_info,
+        "compression": report,
+    }
+    side = {
+        entity: table
+        for entity in ("user", "item")
+        if (table := artifact.side_table(entity)) is not None
+    }
+    model_repo = args.model_repo or version_dir.parent.parent
+    target = write_artifact(
+        model_repo,
+        args.name or artifact.name,
+        compressed.model,
+        artifact.model_config,
+        compressed.embedding_config,
+        artifact.schema,
+        metrics,
+        side,
+        compression=compressed.description,
+    )
+    # Parity: the artifact as written must score like the model in memory.
+    loaded = load_artifact(target)
+    sample = pq.read_table(splits["valid"][0]).slice(0, 512)
+    expected = score_table(compressed.model, artifact.schema, sample)
+    got = score_table(loaded.model, loaded.schema, sample)
+    parity = max(float(np.abs(got[t].numpy() - expected[t].numpy()).max()) for t in got)
+    if parity > 1e-5:
+        raise ArtifactError(
+            f"compress: {target} scores valid rows differently from the compressed model "
+            f"(max |diff| {parity:.2e}, expected <= 1e-5)"
+        )
+
+    _say("\nper-layer ranks:\n" + rank_summary(compressed.layers))
+    file_before = (version_dir / WEIGHTS).stat().st_size
+    file_after = (target / WEIGHTS).stat().st_size
+    _say(
+        f"\nparameters {sizes['params_before']:.0f} -> {sizes['params_after']:.0f} "
+        f"({sizes['params_before'] / sizes['params_after']:.2f}x smaller); state bytes "
+        f"{sizes['bytes_before']:.0f} -> {sizes['bytes_after']:.0f}; weights file "
+        f"{file_before} -> {file_after} bytes"
+    )
+    if "svd_params_after" in sizes:
+        _say(f"weight-SVD baseline: {sizes['svd_params_after']:.0f} parameters")
+    _say(f"energy threshold: {compressed.description['energy_threshold']}")
+    _say(f"\n{'stage':<16} {'valid auc':>9} {'test auc':>9} {'test logloss':>12}")
+    for stage in run.metrics["test"]:
+        valid, test = run.metrics["valid"][stage], run.metrics["test"][stage]
+        _say(f"{stage:<16} {valid['auc']:>9.4f} {test['auc']:>9.4f} {test['logloss']:>12.4f}")
+    _say(f"\nartifact: {target} (parity max |diff| {parity:.1e} on {sample.num_rows} valid rows)")
+    _say(json.dumps({"artifact": str(target), "test_auc": run.metrics["test"][final]["auc"]}))
+    return 0
