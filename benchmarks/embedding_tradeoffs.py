@@ -31,6 +31,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -131,6 +132,98 @@ def fixed_cells(ml100k: Path, work: Path, smoke: bool) -> dict[str, Cell]:
         )
         for d in dims
         for seed in seeds
+    }
+
+
+AUTOINT_PLUS = ROOT / "configs" / "autoint_plus_ml100k.yaml"
+# Small AutoInt+ models trained from scratch; the one closest in size to the compressed model
+# is the "same size, no compression" baseline.
+SMALL_CANDIDATES = (
+    ["embedding.dim=8", "model.attention_dim=32", "model.dnn_hidden_units=[128, 128]"],
+    ["embedding.dim=8", "model.attention_dim=32", "model.dnn_hidden_units=[200, 200]"],
+    ["embedding.dim=12", "model.attention_dim=32", "model.dnn_hidden_units=[160, 160]"],
+    ["embedding.dim=8", "model.attention_dim=64", "model.dnn_hidden_units=[128, 128]"],
+)
+
+
+def total_params(artifact: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(artifact / "model.safetensors"), framework="pt") as f:
+        return int(sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()))  # noqa: SIM118 (no __iter__)
+
+
+def _params_of(overrides: list[str], ml100k: Path) -> int:
+    """Parameters of AutoInt+ built with `overrides` (no training)."""
+    from recsys.data.schema import DatasetSchema
+    from recsys.embeddings import build_embedding
+    from recsys.features.schema import fit_feature_schema
+    from recsys.models.registry import build_model
+    from training.data import iter_tables, split_files
+
+    cfg = load_config(AUTOINT_PLUS, overrides)
+    dataset = DatasetSchema.from_yaml(ml100k / "schema.yaml")
+    schema = fit_feature_schema(dataset, iter_tables(split_files(ml100k, "train")))
+    model = build_model(cfg.model, build_embedding(schema, cfg.embedding), schema)
+    return sum(p.numel() for p in model.parameters())
+
+
+def lowrank_cell(ml100k: Path, work: Path, seed: int, smoke: bool) -> dict[str, Any]:
+    """AutoInt+ trained, `recsys compress --target-ratio 3 --compare-svd`, and a small model
+    trained from scratch at about the compressed size."""
+    trained = train_cell(
+        AUTOINT_PLUS,
+        [f"data.path={ml100k}", f"train.seed={seed}"],
+        work,
+        f"autoint-plus-seed{seed}",
+        smoke,
+    )
+    artifact = Path(trained["result"]["artifact"])
+    command = [
+        sys.executable, "-m", "recsys.cli", "compress", "--artifact", str(artifact),
+        "--target-ratio", "3", "--compare-svd", "--threads", "1", "--data", str(ml100k),
+    ]  # fmt: skip
+    if smoke:
+        command += ["--epochs", "1"]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"recsys compress failed:\n{done.stderr[-3000:]}")
+    compressed = artifact.parent / str(int(artifact.name) + 1)
+    report = json.loads((compressed / "metrics.json").read_text())["compression"]
+    test = report["stages"]["test"]
+    final = "fine_tuned" if "fine_tuned" in test else "compressed"
+    svd_final = "svd_fine_tuned" if "svd_fine_tuned" in test else "svd_compressed"
+    target = report["params_after"]
+    sizes = {tuple(o): _params_of(o, ml100k) for o in SMALL_CANDIDATES}
+    small = min(sizes, key=lambda o: abs(sizes[o] - target))
+    scratch = train_cell(
+        AUTOINT_PLUS,
+        [f"data.path={ml100k}", f"train.seed={seed}", *small],
+        work,
+        f"autoint-plus-small-seed{seed}",
+        smoke,
+    )
+    return {
+        "trained": trained,
+        "compress_s": time.perf_counter() - started,
+        "compress_stdout": done.stdout.splitlines()[-40:],
+        "report": report,
+        "uncompressed_test_auc": test["original"]["auc"],
+        "lowrank_before_fine_tune_test_auc": test["compressed"]["auc"],
+        "lowrank_test_auc": test[final]["auc"],
+        "weight_svd_test_auc": test[svd_final]["auc"],
+        "size_ratio": report["params_before"] / report["params_after"],
+        "bytes_ratio": report["bytes_before"] / report["bytes_after"],
+        "params_before": report["params_before"],
+        "params_after": report["params_after"],
+        "small_scratch_overrides": list(small),
+        "small_scratch_params": total_params(Path(scratch["result"]["artifact"])),
+        "small_scratch_test_auc": scratch["test_auc"],
+        "small_scratch": scratch,
+        "test_auc": test[final]["auc"],
+        "embedding_params": embedding_params(compressed),
+        "wall_s": time.perf_counter() - started + trained["wall_s"],
     }
 
 
@@ -277,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     plan: dict[str, Cell] = {}
     if "fixed" in args.parts:
         plan.update(fixed_cells(ml100k, work, args.smoke))
+    if "lowrank" in args.parts:
+        for seed in seeds:
+            plan[f"lowrank/seed{seed}"] = lambda seed=seed: lowrank_cell(
+                ml100k, work, seed, args.smoke
+            )
     if "unified" in args.parts:
         plan.update(
             budget_cells(
