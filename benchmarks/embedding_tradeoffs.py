@@ -253,12 +253,12 @@ def budget_cells(
                 name = f"{prefix}/{variant}/{label}/seed{seed}"
                 overrides = [
                     *data_overrides,
-                    f"embedding.variant={variant}",
                     f"embedding.param_budget={budget}",
                     f"train.seed={seed}",
                 ]
-                cells[name] = lambda o=overrides, n=name: train_cell(
-                    AUTOINT, o, work, n.replace("/", "-"), smoke
+                config = ROOT / "configs" / f"autoint_{variant}_ml100k.yaml"
+                cells[name] = lambda c=config, o=overrides, n=name: train_cell(
+                    c, o, work, n.replace("/", "-"), smoke
                 )
     return cells
 

@@ -14,6 +14,7 @@ Every variant yields the same (B, F, dim) field embedding, so any model takes an
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -29,18 +30,29 @@ class UnifiedSpec(_Strict):
     Args:
         num_tables: S, the sub-tables the shared space is split into (probes go round-robin).
         chunk_dim: c, the width of one probe; every multiplexed feature does dim / c probes.
-        features: the multiplexed features; None means every sparse feature not kept
-            collisionless. The others keep a per-feature table.
+        features: the features that may be multiplexed; None means every sparse feature.
+            A feature is multiplexed when it is chosen here and has more than
+            `collisionless_max_rows` ids; every other feature keeps an exact D-wide table
+            of its own, whose parameters count against `param_budget` too.
         collisionless_max_rows: features with at most this many ids keep an exact table of
             their own (e.g. gender); 0 multiplexes every chosen feature.
         salt: a global salt, so two unified stacks in one model hash differently.
     """
 
-    num_tables: int = Field(2, ge=1)
-    chunk_dim: int = Field(8, ge=1)
+    num_tables: int = Field(default=2, ge=1)
+    chunk_dim: int = Field(default=8, ge=1)
     features: tuple[str, ...] | None = None
-    collisionless_max_rows: int = Field(0, ge=0)
-    salt: int = Field(0, ge=0)
+    collisionless_max_rows: int = Field(default=0, ge=0)
+    salt: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _features_not_empty(self) -> UnifiedSpec:
+        if self.features is not None and not self.features:
+            raise ValueError(
+                "embedding.unified.features is empty (expected at least one feature name); "
+                "leave it unset to multiplex every sparse feature"
+            )
+        return self
 
 
 class BlockSpec(_Strict):
@@ -61,10 +73,25 @@ class MixedDimSpec(_Strict):
     """Per-field frequency blocks with their kept dimensions (`variant: mixed_dim`).
 
     Args:
-        fields: field name -> its blocks in id order; fields not listed keep full width.
+        fields: field name -> its blocks in id order (block i covers ids [end_{i-1}, end_i),
+            the first starts at id 0); fields not listed keep full width. Whether the last
+            block ends at the field's row count is checked when the embedding is built, where
+            the schema is known.
     """
 
     fields: dict[str, tuple[BlockSpec, ...]]
+
+    @model_validator(mode="after")
+    def _blocks_are_contiguous(self) -> MixedDimSpec:
+        for field, blocks in self.fields.items():
+            ends = [block.end for block in blocks]
+            if not ends or any(b <= a for a, b in pairwise(ends)):
+                raise ValueError(
+                    f"embedding.mixed_dim.fields.{field}: block ends {ends} must be a non-empty, "
+                    f"strictly increasing list (each block covers ids [previous end, end)); "
+                    f"use the spec `recsys search-dims` wrote"
+                )
+        return self
 
 
 class LowRankSpec(_Strict):
@@ -86,8 +113,9 @@ class EmbeddingConfig(_Strict):
         dim: embedding width D of every field as the model sees it.
         init_scale: tables start as U(-init_scale, init_scale); the bounds travel in the
             table configs, so sharded tables initialise the same way.
-        param_budget: `hashed` and `unified`: the total number of table parameters
-            (rows x width summed over the tables the budget governs).
+        param_budget: `hashed` and `unified`: the total number of table parameters of the
+            stack (rows x width summed over every table, the exact tables of collisionless
+            features included; dense-feature vectors are not tables and do not count).
         unified: settings of the `unified` variant.
         mixed_dim: the block layout of the `mixed_dim` variant (written by `recsys search-dims`).
         lowrank: the ranks of the `lowrank` variant (written by `recsys compress`).
