@@ -57,7 +57,9 @@ PARTS = ("fixed", "dnis", "lowrank", "unified", "synthetic")
 ML100K_BUDGET_FRACTIONS = (0.25, 0.5)
 SYNTHETIC_ROWS = 1_000_000
 SYNTHETIC_DIMS = (4, 16)
-SYNTHETIC_BUDGET_FRACTIONS = (1 / 32, 1 / 8)
+SYNTHETIC_BUDGET_FRACTIONS = (1 / 16, 1 / 4)  # of per-feature d=16; 1/4 is d=4's count
+SYNTHETIC_EPOCHS = 3
+SMOKE_SYNTHETIC_ROWS = 20_000
 SUMMARY_KEYS = (
     "d16_test_auc",
     "d16_embedding_params",
@@ -263,6 +265,42 @@ def budget_cells(
     return cells
 
 
+def synthetic_cells(doc: dict[str, Any], work: Path, smoke: bool) -> dict[str, Cell]:
+    """Per-feature tables at d in SYNTHETIC_DIMS, then unified and hashed at fractions of the
+    d=16 cell's embedding parameters (known once that cell has run)."""
+    from train_throughput import ensure_synthetic  # benchmarks/ is on sys.path
+
+    rows = SMOKE_SYNTHETIC_ROWS if smoke else SYNTHETIC_ROWS
+    folder = ensure_synthetic(default_data_dir() / f"synthetic-ctr-{rows}-seed0-v1", rows)
+    data = [
+        "data.dataset=synthetic-ctr",
+        f"data.path={folder}",
+        f"train.max_epochs={1 if smoke else SYNTHETIC_EPOCHS}",
+    ]
+    cells: dict[str, Cell] = {}
+    for d in sorted(SYNTHETIC_DIMS, reverse=True):  # d=16 first: it sets the budgets
+        cells[f"synthetic/fixed/d{d}/seed0"] = lambda d=d: train_cell(
+            AUTOINT, [*data, f"embedding.dim={d}"], work, f"synthetic-fixed-d{d}", smoke
+        )
+
+    def budget_cell(variant: str, fraction: float) -> dict[str, Any]:
+        d16 = doc["cells"]["synthetic/fixed/d16/seed0"]["embedding_params"]
+        budget = int(fraction * d16)
+        doc["budgets"].setdefault("synthetic", {})[f"b{fraction:g}"] = budget
+        config = ROOT / "configs" / f"autoint_{variant}_ml100k.yaml"
+        overrides = [*data, f"embedding.param_budget={budget}"]
+        if variant == "unified":
+            # synthetic-ctr's 10- to 52-id fields stay exact, as gender does on ml100k
+            overrides.append("embedding.unified.collisionless_max_rows=64")
+        return train_cell(config, overrides, work, f"synthetic-{variant}-b{fraction:g}", smoke)
+
+    for variant in ("unified", "hashed"):
+        for fraction in SYNTHETIC_BUDGET_FRACTIONS[:1] if smoke else SYNTHETIC_BUDGET_FRACTIONS:
+            name = f"synthetic/{variant}/b{fraction:g}/seed0"
+            cells[name] = lambda v=variant, f=fraction: budget_cell(v, f)
+    return cells
+
+
 # --- summary ----------------------------------------------------------------------------------
 def _mean(cells: dict[str, Any], prefix: str, key: str = "test_auc") -> float | None:
     values = [c[key] for name, c in cells.items() if name.startswith(prefix) and key in c]
@@ -343,12 +381,11 @@ def main(argv: list[str] | None = None) -> int:
         doc = json.loads(args.output.read_text())
     seeds = SEEDS[:1] if args.smoke else SEEDS
     d16 = collisionless_params(ml100k, 16)
-    doc["budgets"] = {
-        "ml100k_collisionless_d16": d16,
-        "ml100k": {
-            f"b{fraction:g}": int(fraction * d16)
-            for fraction in (ML100K_BUDGET_FRACTIONS[:1] if args.smoke else ML100K_BUDGET_FRACTIONS)
-        },
+    budgets = doc.setdefault("budgets", {})  # the synthetic budgets are added as they run
+    budgets["ml100k_collisionless_d16"] = d16
+    budgets["ml100k"] = {
+        f"b{fraction:g}": int(fraction * d16)
+        for fraction in (ML100K_BUDGET_FRACTIONS[:1] if args.smoke else ML100K_BUDGET_FRACTIONS)
     }
 
     def save() -> None:
@@ -381,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                 "ml100k", [f"data.path={ml100k}"], doc["budgets"]["ml100k"], seeds, work, args.smoke
             )
         )
+    if "synthetic" in args.parts:
+        plan.update(synthetic_cells(doc, work, args.smoke))
     for name, run in plan.items():
         if name in doc["cells"]:
             print(f"{name}: saved, test auc {doc['cells'][name]['test_auc']:.4f}")
