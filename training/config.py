@@ -25,6 +25,7 @@ from recsys.embeddings import EmbeddingConfig
 from recsys.errors import ConfigError
 from recsys.models.autoint import AutoIntConfig
 from recsys.models.registry import ModelConfig
+from recsys.search.dnis import DNISConfig
 
 
 class _Strict(BaseModel):
@@ -161,6 +162,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     output: OutputConfig = OutputConfig()
+    search: DNISConfig = DNISConfig()  # `recsys search-dims` only
 
     @field_validator("model", mode="before")
     @classmethod

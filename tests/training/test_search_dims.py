@@ -1,0 +1,168 @@
+"""`recsys search-dims` end to end on ml100k-ctr with tiny settings: the search runs as a Ray
+task, writes its spec, α and curve into the run folder, and the regular (DMP) trainer retrains
+the pruned mixed-dimension AutoInt into a loadable artifact; a second call reuses both. Bad
+input fails fast with exit code 2 and a message naming the setting."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from recsys.artifact import load_artifact
+from recsys.embeddings.config import MixedDimSpec
+from recsys.embeddings.mixed_dim import MixedDimEmbedding, table_param_count
+from training.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "dnis_ml100k.yaml"
+TINY = [
+    "search.warm_max_epochs=1",
+    "search.search_epochs=1",
+    "search.steps_per_epoch=8",
+    "search.l1=1e-3",
+    "search.target_ratio=0.4",
+    "search.sweep_ratios=[1.0, 0.4, 0.2]",
+    "train.max_epochs=1",
+    "output.verify_serving=false",
+]
+
+
+def _search_dims(
+    work: Path, data: Path, *overrides: str, num_workers: int = 1
+) -> subprocess.CompletedProcess[str]:
+    args = ["--config", str(CONFIG), "--num-workers", str(num_workers)]
+    for item in (
+        f"data.path={data}",
+        "output.run_root=runs",
+        "output.model_repo=repo",
+        "output.run_name=dnis",
+        *overrides,
+    ):
+        args += ["--set", item]
+    return subprocess.run(
+        [sys.executable, "-m", "recsys.cli", "search-dims", *args],
+        cwd=work,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def searched(ml100k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("search-dims")
+    done = _search_dims(work, ml100k_dir, *TINY)
+    assert done.returncode == 0, done.stderr[-4000:]
+    run = work / "runs" / "dnis"
+    return {
+        "work": work,
+        "data": ml100k_dir,
+        "stdout": done.stdout,
+        "run": run,
+        "summary": json.loads((run / "search_dims.json").read_text()),
+    }
+
+
+@pytest.mark.slow
+def test_search_writes_spec_alpha_and_curve(searched: dict[str, Any]) -> None:
+    search = searched["run"] / "search"
+    spec = MixedDimSpec.model_validate_json((search / "spec.json").read_text())
+    assert set(spec.fields) == {
+        "user_id",
+        "item_id",
+        "age",
+        "gender",
+        "occupation",
+        "zip3",
+        "release_year",
+        "genres",
+    }
+    tensors = load_file(str(search / "alpha.safetensors"))
+    alpha, kept = tensors["alpha"], tensors["kept"].bool()
+    assert alpha.shape == (8, 5, 16) and ((alpha >= 0) & (alpha <= 1)).all()
+    assert (alpha < 1).any()  # the α steps ran
+    curve = json.loads((search / "curve.json").read_text())
+    params = [p["params"] for p in curve["points"]]
+    assert params[0] == curve["full_params"] and params == sorted(params, reverse=True)
+    assert all(0.5 < p["valid_auc"] < 1 for p in curve["points"])
+    summary = searched["summary"]
+    assert summary["embedding_params"] <= 0.4 * summary["full_params"]
+    assert (
+        summary["full_params"]
+        == curve["full_params"]
+        == 16 * sum(b["rows"] for b in summary["blocks"])
+    )
+    # the kept mask and the spec agree block by block
+    for f, (name, blocks) in enumerate(spec.fields.items()):
+        for s, block in enumerate(blocks):
+            assert block.kept == tuple(torch.nonzero(kept[f, s]).flatten().tolist()), (name, s)
+
+
+@pytest.mark.slow
+def test_retrain_exports_a_loadable_mixed_dim_artifact(searched: dict[str, Any]) -> None:
+    summary = searched["summary"]
+    artifact = load_artifact(summary["artifact"])
+    assert artifact.name == "dnis_ml100k" and artifact.version == 1
+    config = json.loads((artifact.path / "config.json").read_text())
+    assert config["embedding"]["variant"] == "mixed_dim"
+    widths = {shape[1] for shape in config["tables"].values()}
+    assert len(widths) > 1 and all(w % 4 == 0 for w in widths)  # kept widths differ
+    spec = MixedDimSpec.model_validate_json((searched["run"] / "search" / "spec.json").read_text())
+    assert artifact.embedding_config.mixed_dim == spec
+    assert isinstance(artifact.model.embedding, MixedDimEmbedding)
+    assert table_param_count(artifact.model) == summary["embedding_params"]
+    retrain = summary["retrain"]
+    assert retrain["epochs"] == 1 and retrain["test_auc"] > 0.7  # learned, from one epoch
+    assert "embedding params:" in searched["stdout"] and "retrained:" in searched["stdout"]
+
+
+@pytest.mark.slow
+def test_rerun_reuses_the_search_and_the_retrain(searched: dict[str, Any]) -> None:
+    search = searched["run"] / "search"
+    written = {p.name: p.stat().st_mtime_ns for p in search.iterdir()}
+    again = _search_dims(searched["work"], searched["data"], *TINY)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert {p.name: p.stat().st_mtime_ns for p in search.iterdir()} == written  # not searched
+    summary = json.loads((searched["run"] / "search_dims.json").read_text())
+    assert summary["artifact"] == searched["summary"]["artifact"]  # not retrained
+    assert f"artifact: {summary['artifact']}" in again.stdout
+    assert sorted(p.name for p in (searched["work"] / "repo" / "dnis_ml100k").iterdir()) == ["1"]
+
+
+@pytest.mark.slow  # three CLI processes and a data preparation: about 20 s
+def test_bad_input_names_the_setting(ml100k_dir: Path, tmp_path: Path) -> None:
+    done = _search_dims(
+        tmp_path, ml100k_dir, "embedding.variant=hashed", "embedding.param_budget=20000"
+    )
+    assert done.returncode == 2
+    assert "embedding.variant is 'hashed' (expected 'per_feature')" in done.stderr
+    done = _search_dims(tmp_path, ml100k_dir, "search.fields=[movie]")
+    assert done.returncode == 2
+    assert "search.fields: ['movie'] are not sparse fields of ml100k-ctr" in done.stderr
+    done = _search_dims(tmp_path, ml100k_dir, "search.width_multiple=3")
+    assert done.returncode == 2 and "search.width_multiple=3 must be a multiple of 4" in done.stderr
+
+
+def test_shipped_config_loads_and_matches_the_fixed_d_run() -> None:
+    raw = yaml.safe_load(CONFIG.read_text())
+    cfg = load_config(CONFIG)
+    for section, values in raw.items():
+        for key, value in values.items():
+            got = getattr(getattr(cfg, section), key)
+            assert (list(got) if isinstance(got, tuple) else got) == value, f"{section}.{key}"
+    # the retrain is compared with `recsys train` on the AutoInt config: same model, width,
+    # epoch budget and seed
+    fixed = load_config(REPO / "configs" / "autoint_ml100k.yaml")
+    assert cfg.model == fixed.model and cfg.train == fixed.train
+    assert cfg.embedding == fixed.embedding and cfg.embedding.variant == "per_feature"
