@@ -1,6 +1,7 @@
 """Every registered model is served over real gRPC with all of its tasks: ESMM answers ctr,
 cvr and ctcvr, AdaptDHM its routed towers (cluster centres loaded from the artifact), and each
-task's scores equal the eager model's."""
+task's scores equal the eager model's. So is AutoInt on every embedding variant (hashed,
+unified, mixed-dimension, low-rank tables): the server rebuilds the stack from config.json."""
 
 from __future__ import annotations
 
@@ -12,15 +13,13 @@ import pytest
 import torch
 
 from recsys.artifact import write_artifact
-from recsys.embeddings import EmbeddingConfig, build_embedding
+from recsys.embeddings import build_embedding
 from recsys.features.batch import features_from_encoded
 from recsys.features.schema import FeatureSchema, fit_feature_schema
 from recsys.models.registry import MODELS, build_model
-from tests.recsys.models.test_model_contract import TINY_CONFIGS
+from tests.recsys.models.test_model_contract import TINY_CONFIGS, tiny_embedding
 from tests.serving.conftest import StartServer, side_tables
 from tests.tiny_data import TINY_MULTITASK_SCHEMA, make_tiny_table, with_ctcvr
-
-EMBEDDING = EmbeddingConfig(dim=4)
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +32,25 @@ def schema(table: pa.Table) -> FeatureSchema:
     return fit_feature_schema(TINY_MULTITASK_SCHEMA, [table])
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+CASES = [
+    *[(name, "per_feature") for name in sorted(MODELS)],
+    *[("autoint", variant) for variant in ("hashed", "unified", "mixed_dim", "lowrank")],
+]
+
+
+@pytest.mark.parametrize(("name", "variant"), CASES, ids=[f"{n}-{v}" for n, v in CASES])
 def test_every_model_is_served_with_all_its_tasks(
-    name: str, tmp_path: Path, start_server: StartServer, schema: FeatureSchema, table: pa.Table
+    name: str,
+    variant: str,
+    tmp_path: Path,
+    start_server: StartServer,
+    schema: FeatureSchema,
+    table: pa.Table,
 ) -> None:
     torch.manual_seed(3)
     config = MODELS[name].config_class.model_validate({"name": name, **TINY_CONFIGS[name]})
-    model = build_model(config, build_embedding(schema, EMBEDDING), schema)
+    embedding = tiny_embedding(variant, schema)
+    model = build_model(config, build_embedding(schema, embedding), schema)
     # a few training-mode forwards move state that only training changes (AdaptDHM's centres,
     # batch-norm statistics), so the served model must load it from the artifact
     encoded = schema.encode(table)
@@ -48,7 +59,7 @@ def test_every_model_is_served_with_all_its_tasks(
             model.train()(features_from_encoded(schema, encoded.slice(start, 100)))
     model.eval()
     repo = tmp_path / "repo"
-    write_artifact(repo, name, model, config, EMBEDDING, schema, {"auc": 0.5}, side_tables(table))
+    write_artifact(repo, name, model, config, embedding, schema, {"auc": 0.5}, side_tables(table))
     raw = table.select(schema.dataset.input_columns()).slice(0, 32)
     with torch.inference_mode():
         eager = model.probabilities(

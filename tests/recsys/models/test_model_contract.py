@@ -45,14 +45,60 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 TINY_EMBEDDING = EmbeddingConfig(dim=4)
 OVERFIT_ROWS = 256
 OVERFIT_STEPS = 200
+# Every model on per-feature tables; every other embedding variant under AutoInt, plus a
+# multi-task and a routed model on one each (a variant must not assume one model's forward).
+CASES = [
+    *[(name, "per_feature") for name in sorted(MODELS)],
+    *[("autoint", variant) for variant in ("hashed", "unified", "mixed_dim", "lowrank")],
+    ("esmm", "unified"),
+    ("adaptdhm", "mixed_dim"),
+]
 
-model_names = pytest.mark.parametrize("name", sorted(MODELS))
+model_names = pytest.mark.parametrize(
+    ("name", "variant"), CASES, ids=[f"{name}-{variant}" for name, variant in CASES]
+)
 
 
-def _build(name: str, schema: FeatureSchema, seed: int = 0) -> CTRModel:
+def tiny_embedding(variant: str, schema: FeatureSchema) -> EmbeddingConfig:
+    """A D=4 config of `variant` for the tiny schema: half the collisionless budget for the
+    hashed stacks; for mixed_dim two frequency blocks per field (the head keeps every dim, the
+    tail two or none); for lowrank codes of width 2."""
+    if variant == "per_feature":
+        return TINY_EMBEDDING
+    rows = sum(f.num_embeddings for f in schema.sparse)
+    if variant in ("hashed", "unified"):
+        return EmbeddingConfig.model_validate(
+            {
+                "variant": variant,
+                "dim": 4,
+                "param_budget": rows * 4 // 2,
+                "unified": {"chunk_dim": 2},
+            }
+        )
+    if variant == "mixed_dim":
+        fields = {
+            f.name: [
+                {"end": max(2, f.num_embeddings // 3), "kept": [0, 1, 2, 3]},  # OOV + top ids
+                {"end": f.num_embeddings, "kept": [1, 3] if index % 2 else []},
+            ]
+            for index, f in enumerate(schema.sparse)
+            if f.num_embeddings >= 3
+        }
+        return EmbeddingConfig.model_validate(
+            {"variant": "mixed_dim", "dim": 4, "mixed_dim": {"fields": fields}}
+        )
+    ranks = {f.name: 2 for f in schema.sparse}
+    return EmbeddingConfig.model_validate(
+        {"variant": "lowrank", "dim": 4, "lowrank": {"ranks": ranks}}
+    )
+
+
+def _build(
+    name: str, schema: FeatureSchema, seed: int = 0, variant: str = "per_feature"
+) -> CTRModel:
     torch.manual_seed(seed)
     config = MODELS[name].config_class.model_validate({"name": name, **TINY_CONFIGS[name]})
-    return build_model(config, build_embedding(schema, TINY_EMBEDDING), schema)
+    return build_model(config, build_embedding(schema, tiny_embedding(variant, schema)), schema)
 
 
 def _loss(model: CTRModel, output: ModelOutput, batch: Batch) -> torch.Tensor:
@@ -80,7 +126,7 @@ def test_every_registered_model_has_a_tiny_config() -> None:
 
 
 @model_names
-def test_constructor_takes_at_most_five_parameters(name: str) -> None:
+def test_constructor_takes_at_most_five_parameters(name: str, variant: str) -> None:
     params = inspect.signature(MODELS[name].model_class).parameters.values()
     assert len(params) <= 5, [p.name for p in params]
     assert all(p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
@@ -88,9 +134,9 @@ def test_constructor_takes_at_most_five_parameters(name: str) -> None:
 
 @model_names
 def test_outputs_match_declared_tasks(
-    name: str, tiny_schema: FeatureSchema, tiny_batch: Batch
+    name: str, variant: str, tiny_schema: FeatureSchema, tiny_batch: Batch
 ) -> None:
-    model = _build(name, tiny_schema).eval()
+    model = _build(name, tiny_schema, variant=variant).eval()
     output = model(tiny_batch.features)
     probs = model.probabilities(output)
     assert set(probs) == set(model.served_tasks)
@@ -105,9 +151,9 @@ def test_outputs_match_declared_tasks(
 
 @model_names
 def test_every_dense_parameter_gets_a_gradient(
-    name: str, tiny_schema: FeatureSchema, tiny_batch: Batch
+    name: str, variant: str, tiny_schema: FeatureSchema, tiny_batch: Batch
 ) -> None:
-    model = _build(name, tiny_schema).train()
+    model = _build(name, tiny_schema, variant=variant).train()
     _loss(model, model(tiny_batch.features), tiny_batch).backward()
     table_ids = {id(p) for p in _table_params(model).values()}
     dense = [
@@ -126,9 +172,9 @@ def test_every_dense_parameter_gets_a_gradient(
 
 @model_names
 def test_tables_change_after_one_step(
-    name: str, tiny_schema: FeatureSchema, tiny_batch: Batch
+    name: str, variant: str, tiny_schema: FeatureSchema, tiny_batch: Batch
 ) -> None:
-    model = _build(name, tiny_schema).train()
+    model = _build(name, tiny_schema, variant=variant).train()
     tables = _table_params(model)
     assert tables, "the model has no EmbeddingBagCollection tables"
     before = {table: param.detach().clone() for table, param in tables.items()}
@@ -142,11 +188,12 @@ def test_tables_change_after_one_step(
 @model_names
 def test_rows_are_scored_independently_in_eval(
     name: str,
+    variant: str,
     tiny_schema: FeatureSchema,
     tiny_table: pa.Table,
     encode_batch: Callable[[pa.Table], Batch],
 ) -> None:
-    model = _build(name, tiny_schema).eval()
+    model = _build(name, tiny_schema, variant=variant).eval()
     full = _scores(model, encode_batch(tiny_table))
     perm = torch.randperm(tiny_table.num_rows, generator=torch.Generator().manual_seed(0))
     permuted = _scores(model, encode_batch(tiny_table.take(pa.array(perm.numpy()))))
@@ -160,11 +207,11 @@ def test_rows_are_scored_independently_in_eval(
 
 @model_names
 def test_same_seed_gives_same_output(
-    name: str, tiny_schema: FeatureSchema, tiny_batch: Batch
+    name: str, variant: str, tiny_schema: FeatureSchema, tiny_batch: Batch
 ) -> None:
-    first = _scores(_build(name, tiny_schema, seed=0).eval(), tiny_batch)
-    second = _scores(_build(name, tiny_schema, seed=0).eval(), tiny_batch)
-    other = _scores(_build(name, tiny_schema, seed=1).eval(), tiny_batch)
+    first = _scores(_build(name, tiny_schema, seed=0, variant=variant).eval(), tiny_batch)
+    second = _scores(_build(name, tiny_schema, seed=0, variant=variant).eval(), tiny_batch)
+    other = _scores(_build(name, tiny_schema, seed=1, variant=variant).eval(), tiny_batch)
     for task, scores in first.items():
         torch.testing.assert_close(second[task], scores, rtol=0, atol=0)
         assert not torch.equal(other[task], scores), f"{task}: the seed does not reach the init"
@@ -173,12 +220,13 @@ def test_same_seed_gives_same_output(
 @model_names
 def test_overfits_tiny_batch(
     name: str,
+    variant: str,
     tiny_schema: FeatureSchema,
     tiny_table: pa.Table,
     encode_batch: Callable[[pa.Table], Batch],
 ) -> None:
     batch = encode_batch(tiny_table.slice(0, OVERFIT_ROWS))
-    model = _build(name, tiny_schema).train()
+    model = _build(name, tiny_schema, variant=variant).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(OVERFIT_STEPS):
         optimizer.zero_grad()
@@ -194,11 +242,12 @@ def test_overfits_tiny_batch(
 # --- artifact round-trip (saved-then-loaded artifact gives identical outputs) -----------------
 @model_names
 def test_artifact_round_trip_gives_identical_outputs(
-    name: str, tiny_schema: FeatureSchema, tiny_batch: Batch, tmp_path: Path
+    name: str, variant: str, tiny_schema: FeatureSchema, tiny_batch: Batch, tmp_path: Path
 ) -> None:
-    model = _build(name, tiny_schema).eval()
+    model = _build(name, tiny_schema, variant=variant).eval()
     config = MODELS[name].config_class.model_validate({"name": name, **TINY_CONFIGS[name]})
-    path = write_artifact(tmp_path, name, model, config, TINY_EMBEDDING, tiny_schema, {"auc": 0.5})
+    embedding = tiny_embedding(variant, tiny_schema)
+    path = write_artifact(tmp_path, name, model, config, embedding, tiny_schema, {"auc": 0.5})
     loaded = load_artifact(path)
     assert loaded.model.served_tasks == model.served_tasks
     expected, got = _scores(model, tiny_batch), _scores(loaded.model, tiny_batch)
