@@ -45,6 +45,7 @@ test: lint
 	$(PY) benchmarks/model_quality.py --smoke --output $${TMPDIR:-/tmp}/model_quality_smoke.json
 	$(PY) benchmarks/train_throughput.py --smoke --output $${TMPDIR:-/tmp}/train_throughput_smoke.json
 	$(PY) benchmarks/serve_load.py --smoke --output $${TMPDIR:-/tmp}/serve_load_smoke.json
+	$(PY) benchmarks/embedding_tradeoffs.py --smoke --fresh --output $${TMPDIR:-/tmp}/embedding_tradeoffs_smoke.json
 
 test-fast: lint
 	$(PY) -m pytest -q -m "not slow" tests

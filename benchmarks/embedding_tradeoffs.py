@@ -120,7 +120,7 @@ Cell = Callable[[], dict[str, Any]]
 
 
 def fixed_cells(ml100k: Path, work: Path, smoke: bool) -> dict[str, Cell]:
-    dims = (4, 8) if smoke else FIXED_DIMS
+    dims = (4, 16) if smoke else FIXED_DIMS
     seeds = SEEDS[:1] if smoke else SEEDS
     return {
         f"fixed/d{d}/seed{seed}": (
@@ -229,6 +229,50 @@ def lowrank_cell(ml100k: Path, work: Path, seed: int, smoke: bool) -> dict[str, 
     }
 
 
+DNIS = ROOT / "configs" / "dnis_ml100k.yaml"
+
+
+def dnis_cell(ml100k: Path, work: Path, seed: int, smoke: bool) -> dict[str, Any]:
+    """`recsys search-dims` (the search on Ray, pruning, the retrain by the trainer)."""
+    from training.search import run_search_dims
+
+    overrides = [
+        f"data.path={ml100k}",
+        f"train.seed={seed}",
+        f"output.run_root={work / 'runs'}",
+        f"output.model_repo={work / 'repo'}",
+        "output.model_name=dnis",
+        f"output.run_name=dnis-seed{seed}-{int(time.time())}",
+        "output.verify_serving=false",
+    ]
+    if smoke:
+        overrides += [
+            "train.max_epochs=1",
+            "ray.num_workers=1",
+            "search.warm_max_epochs=1",
+            "search.search_epochs=1",
+        ]
+    cfg = load_config(DNIS, overrides)
+    started = time.perf_counter()
+    summary = run_search_dims(cfg)
+    widths = sorted({len(b["kept"]) for b in _blocks(Path(summary["artifact"]))})
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "summary": summary,
+        "test_auc": summary["retrain"]["test_auc"],
+        "embedding_params": embedding_params(Path(summary["artifact"])),
+        "searched_params": summary["embedding_params"],
+        "kept_widths": widths,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def _blocks(artifact: Path) -> list[dict[str, Any]]:
+    """The kept-dimension blocks of a mixed_dim artifact's config.json."""
+    embedding = json.loads((artifact / "config.json").read_text())["embedding"]
+    return [b for blocks in embedding["mixed_dim"]["fields"].values() for b in blocks]
+
+
 def collisionless_params(ml100k: Path, dim: int) -> int:
     """Rows of every per-feature table of ml100k-ctr times `dim` (the fitted vocabularies)."""
     from recsys.data.schema import DatasetSchema
@@ -278,7 +322,8 @@ def synthetic_cells(doc: dict[str, Any], work: Path, smoke: bool) -> dict[str, C
         f"train.max_epochs={1 if smoke else SYNTHETIC_EPOCHS}",
     ]
     cells: dict[str, Cell] = {}
-    for d in sorted(SYNTHETIC_DIMS, reverse=True):  # d=16 first: it sets the budgets
+    dims = (16,) if smoke else SYNTHETIC_DIMS
+    for d in sorted(dims, reverse=True):  # d=16 first: it sets the budgets
         cells[f"synthetic/fixed/d{d}/seed0"] = lambda d=d: train_cell(
             AUTOINT, [*data, f"embedding.dim={d}"], work, f"synthetic-fixed-d{d}", smoke
         )
@@ -294,7 +339,7 @@ def synthetic_cells(doc: dict[str, Any], work: Path, smoke: bool) -> dict[str, C
             overrides.append("embedding.unified.collisionless_max_rows=64")
         return train_cell(config, overrides, work, f"synthetic-{variant}-b{fraction:g}", smoke)
 
-    for variant in ("unified", "hashed"):
+    for variant in ("unified",) if smoke else ("unified", "hashed"):
         for fraction in SYNTHETIC_BUDGET_FRACTIONS[:1] if smoke else SYNTHETIC_BUDGET_FRACTIONS:
             name = f"synthetic/{variant}/b{fraction:g}/seed0"
             cells[name] = lambda v=variant, f=fraction: budget_cell(v, f)
@@ -344,6 +389,8 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
         summary["dnis_embedding_params"] = dnis_params
         assert dnis_params is not None
         summary["dnis_fixed_curve_auc_at_same_params"] = interpolate(fixed, dnis_params)
+        widths = {w for n, c in cells.items() if n.startswith("dnis/") for w in c["kept_widths"]}
+        summary["dnis_kept_widths"] = sorted(widths)
         if "d16_embedding_params" in summary:
             summary["dnis_params_ratio_vs_d16"] = summary["d16_embedding_params"] / dnis_params
     for key in ("uncompressed", "lowrank", "weight_svd", "small_scratch"):
@@ -407,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     plan: dict[str, Cell] = {}
     if "fixed" in args.parts:
         plan.update(fixed_cells(ml100k, work, args.smoke))
+    if "dnis" in args.parts:
+        for seed in seeds:
+            plan[f"dnis/seed{seed}"] = lambda seed=seed: dnis_cell(ml100k, work, seed, args.smoke)
     if "lowrank" in args.parts:
         for seed in seeds:
             plan[f"lowrank/seed{seed}"] = lambda seed=seed: lowrank_cell(
