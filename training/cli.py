@@ -13,9 +13,12 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from recsys.errors import ArtifactError, ConfigError, DataError, SchemaError
+
+if TYPE_CHECKING:  # the config module imports torch-side code; the CLI loads it lazily
+    from training.config import ExperimentConfig
 
 USER_ERRORS = (ConfigError, SchemaError, DataError, ArtifactError)
 
@@ -78,17 +81,13 @@ def data(argv: list[str]) -> int:
     return _run(go)
 
 
-def train(argv: list[str]) -> int:
-    """`recsys train --config FILE [--num-workers N] [--address A] [--set key=value ...]`
-
-    Running it again with the same `--set output.run_name=X` and config resumes run X from its
-    latest checkpoint.
-    """
-    parser = argparse.ArgumentParser(
-        prog="recsys train", description="Train a model on Ray and export an artifact."
-    )
+def experiment_parser(
+    prog: str, description: str, workers_help: str, set_example: str
+) -> argparse.ArgumentParser:
+    """The options of every command that runs an ExperimentConfig (`train`, `search-dims`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", type=Path, required=True, help="YAML ExperimentConfig")
-    parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers")
+    parser.add_argument("--num-workers", type=int, default=None, help=workers_help)
     parser.add_argument(
         "--address",
         default=None,
@@ -100,20 +99,40 @@ def train(argv: list[str]) -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. train.seed=1",
+        help=f"override a config value, e.g. {set_example}",
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """The config file with `--set`, `--num-workers` and `--address` applied, validated before
+    Ray and torch are imported, so a typo is reported at once."""
+    from training.config import load_config
+
+    overrides = list(args.overrides)
+    if args.num_workers is not None:
+        overrides.append(f"ray.num_workers={args.num_workers}")
+    if args.address is not None:
+        overrides.append(f"ray.address={args.address}")
+    return load_config(args.config, overrides)
+
+
+def train(argv: list[str]) -> int:
+    """`recsys train --config FILE [--num-workers N] [--address A] [--set key=value ...]`
+
+    Running it again with the same `--set output.run_name=X` and config resumes run X from its
+    latest checkpoint.
+    """
+    parser = experiment_parser(
+        "recsys train",
+        "Train a model on Ray and export an artifact.",
+        "Ray Train workers",
+        "train.seed=1",
     )
     args = parser.parse_args(argv)
 
     def go() -> int:
-        from training.config import load_config
-
-        overrides = list(args.overrides)
-        if args.num_workers is not None:
-            overrides.append(f"ray.num_workers={args.num_workers}")
-        if args.address is not None:
-            overrides.append(f"ray.address={args.address}")
-        # validate the config before importing Ray and torch, so a typo is reported at once
-        cfg = load_config(args.config, overrides)
+        cfg = config_from_args(args)
         from training.jobs import train as train_job
 
         result = train_job(cfg)

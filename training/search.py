@@ -15,7 +15,6 @@ retrain.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -36,7 +35,7 @@ from recsys.errors import ConfigError
 from recsys.features.batch import Batch, batch_from_encoded
 from recsys.features.schema import FeatureSchema
 from recsys.search.dnis import SearchData, build_search_model, run_search
-from training.cli import USER_ERRORS, _run
+from training.cli import USER_ERRORS, _run, config_from_args, experiment_parser
 from training.config import ExperimentConfig
 from training.data import iter_tables, rebatch, split_files
 from training.loop import RunPaths
@@ -59,33 +58,17 @@ def search_dims(argv: list[str]) -> int:
 
     `--num-workers` sets the retrain's Ray Train workers; the search itself is one Ray task.
     """
-    parser = argparse.ArgumentParser(
-        prog="recsys search-dims",
-        description="DNIS: search a mixed embedding dimension per (field, frequency block) on "
-        "Ray, then retrain the pruned model and export it as a new artifact version.",
-    )
-    parser.add_argument("--config", type=Path, required=True, help="YAML ExperimentConfig")
-    parser.add_argument("--num-workers", type=int, default=None, help="retrain's Ray workers")
-    parser.add_argument("--address", default=None, help="join an existing Ray cluster")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. search.target_ratio=0.3",
+    parser = experiment_parser(
+        "recsys search-dims",
+        "DNIS: search a mixed embedding dimension per (field, frequency block) on Ray, then "
+        "retrain the pruned model and export it as a new artifact version.",
+        "retrain's Ray workers",
+        "search.target_ratio=0.3",
     )
     args = parser.parse_args(argv)
 
     def go() -> int:
-        from training.config import load_config
-
-        overrides = list(args.overrides)
-        if args.num_workers is not None:
-            overrides.append(f"ray.num_workers={args.num_workers}")
-        if args.address is not None:
-            overrides.append(f"ray.address={args.address}")
-        cfg = load_config(args.config, overrides)  # before Ray starts: typos fail at once
+        cfg = config_from_args(args)  # before Ray starts: typos fail at once
         summary = run_search_dims(cfg)
         _print_summary(summary)
         return 0

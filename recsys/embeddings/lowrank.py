@@ -96,15 +96,7 @@ class LowRankFieldEmbedding(FieldEmbedding):
             else:
                 codes = pooled[name]  # (B, k_f)
                 fields.append(codes @ self.projections[slot].T + self.means[slot])  # (B, D)
-        emb = (
-            torch.stack(fields, dim=1)
-            if fields
-            else features.dense.new_zeros(features.batch_size, 0, self.dim)
-        )
-        if self.dense_vectors is not None:
-            dense_emb = features.dense.unsqueeze(-1) * self.dense_vectors  # (B, F_dense, D)
-            emb = torch.cat([emb, dense_emb], dim=1)
-        return emb  # (B, F, D)
+        return self.stack_fields(fields, features)  # (B, F, D)
 
 
 def _orthonormal_columns(dim: int, rank: int) -> torch.Tensor:

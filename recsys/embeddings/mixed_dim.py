@@ -234,10 +234,7 @@ class MixedDimEmbedding(FieldEmbedding):
             1, self.scatter_index, flat
         )
         emb = emb.view(batch_size, num_sparse, self.dim)  # (B, F_sparse, D)
-        if self.dense_vectors is not None:
-            dense_emb = features.dense.unsqueeze(-1) * self.dense_vectors  # (B, F_dense, D)
-            emb = torch.cat([emb, dense_emb], dim=1)
-        return emb  # (B, F, D)
+        return self.append_dense(emb, features)  # (B, F, D)
 
 
 def _checked_blocks(schema: FeatureSchema, spec: MixedDimSpec) -> dict[str, tuple[BlockSpec, ...]]:

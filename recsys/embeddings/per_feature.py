@@ -54,16 +54,24 @@ class FieldEmbedding(nn.Module):
 
     def forward(self, features: Features) -> torch.Tensor:
         pooled = self.tables(features.sparse).to_dict()
-        fields = [pooled[name] for name in self.sparse_names]  # each (B, D)
+        return self.stack_fields([pooled[name] for name in self.sparse_names], features)
+
+    def stack_fields(self, sparse: list[torch.Tensor], features: Features) -> torch.Tensor:
+        """The sparse fields' (B, D) vectors in field order, then the dense fields (`v_f * x_f`)
+        -> (B, F, D). Every variant ends its forward here, so the layout is the same for all."""
         emb = (
-            torch.stack(fields, dim=1)
-            if fields
+            torch.stack(sparse, dim=1)
+            if sparse
             else features.dense.new_zeros(features.batch_size, 0, self.dim)
         )
-        if self.dense_vectors is not None:
-            dense_emb = features.dense.unsqueeze(-1) * self.dense_vectors  # (B, F_dense, D)
-            emb = torch.cat([emb, dense_emb], dim=1)
-        return emb  # (B, F, D)
+        return self.append_dense(emb, features)
+
+    def append_dense(self, sparse_emb: torch.Tensor, features: Features) -> torch.Tensor:
+        """(B, F_sparse, D) -> (B, F, D): the dense fields' `v_f * x_f` after the sparse ones."""
+        if self.dense_vectors is None:
+            return sparse_emb
+        dense_emb = features.dense.unsqueeze(-1) * self.dense_vectors  # (B, F_dense, D)
+        return torch.cat([sparse_emb, dense_emb], dim=1)
 
 
 def build_embedding(

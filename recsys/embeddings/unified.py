@@ -205,15 +205,7 @@ class SaltedLookupEmbedding(FieldEmbedding):
             torch.cat([pooled[key] for key in lookup.keys], dim=1)  # (B, D)
             for lookup in self.lookups
         ]
-        emb = (
-            torch.stack(fields, dim=1)
-            if fields
-            else features.dense.new_zeros(features.batch_size, 0, self.dim)
-        )
-        if self.dense_vectors is not None:
-            dense_emb = features.dense.unsqueeze(-1) * self.dense_vectors  # (B, F_dense, D)
-            emb = torch.cat([emb, dense_emb], dim=1)
-        return emb  # (B, F, D)
+        return self.stack_fields(fields, features)  # (B, F, D)
 
 
 class UnifiedEmbedding(SaltedLookupEmbedding):

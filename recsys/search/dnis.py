@@ -257,10 +257,7 @@ class SoftSelectionEmbedding(FieldEmbedding):
         # single ids have length 1 (their row); bags are MEAN-pooled like the per-feature EBC
         pooled = pooled / lengths.clamp(min=1).to(pooled.dtype).unsqueeze(-1)
         emb = pooled.view(num_sparse, batch_size, dim).transpose(0, 1)  # (B, F_sparse, D)
-        if self.dense_vectors is not None:
-            dense_emb = features.dense.unsqueeze(-1) * self.dense_vectors  # (B, F_dense, D)
-            emb = torch.cat([emb, dense_emb], dim=1)
-        return emb  # (B, F, D)
+        return self.append_dense(emb, features)  # (B, F, D)
 
     def embedding_parameters(self) -> list[nn.Parameter]:
         """The embedding-side weights the search trains on train batches (not α)."""
