@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from recsys.data.movielens import MOVIELENS_TASKS, default_data_dir, prepare_movielens
 from recsys.data.schema import DatasetSchema
-from recsys.data.splits import SPLITS
+from recsys.data.splits import SPLITS, split_files
 from recsys.errors import DataError
 from recsys.features.schema import FeatureSchema, fit_feature_schema
 from training.config import DataConfig
@@ -39,21 +39,6 @@ class SplitFiles:
     schema: DatasetSchema
     root: Path
     files: dict[str, list[Path]]
-
-
-def split_files(root: Path, split: str) -> list[Path]:
-    """`<root>/<split>.parquet`, or every `*.parquet` under `<root>/<split>/` (sorted)."""
-    single = root / f"{split}.parquet"
-    if single.exists():
-        return [single]
-    folder = root / split
-    shards = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    if not shards:
-        raise DataError(
-            f"data: no Parquet for split '{split}' under {root} (expected "
-            f"{single} or {folder}/*.parquet); run `recsys data prepare` first"
-        )
-    return shards
 
 
 def locate_dataset(config: DataConfig, prepare: bool = True) -> SplitFiles:

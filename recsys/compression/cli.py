@@ -19,10 +19,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from recsys.data.splits import SPLITS, split_files
 from recsys.errors import ArtifactError, ConfigError, DataError, SchemaError
 
 USER_ERRORS = (ConfigError, SchemaError, DataError, ArtifactError)
-SPLITS = ("train", "valid", "test")
 
 
 def _run(fn: Callable[[], int]) -> int:
@@ -193,20 +193,6 @@ def _options(args: argparse.Namespace) -> Any:
         raise ConfigError(f"compress: {where}: {first['msg']} (got {first.get('input')!r})") from e
 
 
-def _split_files(root: Path, split: str) -> list[Path]:
-    single = root / f"{split}.parquet"
-    if single.exists():
-        return [single]
-    folder = root / split
-    shards = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    if not shards:
-        raise DataError(
-            f"compress: no Parquet for split '{split}' under {root} (expected {single} or "
-            f"{folder}/*.parquet); pass --data with the folder the model was trained on"
-        )
-    return shards
-
-
 def _locate_data(
     args: argparse.Namespace, stored: dict[str, Any]
 ) -> tuple[dict[str, str], dict[str, list[Path]]]:
@@ -226,9 +212,13 @@ def _locate_data(
         root = data_dir / dataset
         if dataset in MOVIELENS_TASKS:
             prepare_movielens(dataset, root, data_dir=data_dir, show_progress=True)
-    return {"dataset": dataset, "path": str(Path(root).resolve())}, {
-        split: _split_files(Path(root), split) for split in SPLITS
-    }
+    try:
+        files = {split: split_files(Path(root), split) for split in SPLITS}
+    except DataError as e:
+        raise DataError(
+            f"compress: {e}; or pass --data with the folder the model was trained on"
+        ) from e
+    return {"dataset": dataset, "path": str(Path(root).resolve())}, files
 
 
 def _compress(
