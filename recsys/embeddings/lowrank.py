@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys.embeddings.config import EmbeddingConfig
-from recsys.embeddings.per_feature import FieldEmbedding, table_name
+from recsys.embeddings.per_feature import FieldEmbedding, per_feature_tables
 from recsys.errors import ConfigError
 from recsys.features.batch import Features
 from recsys.features.schema import FeatureSchema
@@ -133,17 +132,5 @@ def build_lowrank_embedding(
             f"embedding.lowrank.ranks: unknown field(s) {unknown} (expected sparse features "
             f"of the schema: {schema.sparse_names}); remove them or fix the names"
         )
-    tables = [
-        EmbeddingBagConfig(
-            num_embeddings=f.num_embeddings,
-            embedding_dim=ranks.get(f.name, config.dim),
-            name=table_name(f.name, table_prefix),
-            feature_names=[f.name],
-            pooling=PoolingType.MEAN if f.is_bag else PoolingType.SUM,
-            weight_init_min=-config.init_scale,
-            weight_init_max=config.init_scale,
-        )
-        for f in schema.sparse
-    ]
-    ebc = EmbeddingBagCollection(tables=tables, device=device)
+    ebc = per_feature_tables(schema, config, device, table_prefix, widths=ranks)
     return LowRankFieldEmbedding(ebc, schema.sparse_names, len(schema.dense), config.dim, ranks)

@@ -111,10 +111,24 @@ def build_per_feature_embedding(
     table_prefix: str = "",
 ) -> FieldEmbedding:
     """One table per sparse feature, `config.dim` wide, all ids exact."""
+    ebc = per_feature_tables(schema, config, device, table_prefix)
+    return FieldEmbedding(ebc, schema.sparse_names, len(schema.dense), config.dim)
+
+
+def per_feature_tables(
+    schema: FeatureSchema,
+    config: EmbeddingConfig,
+    device: torch.device | None = None,
+    table_prefix: str = "",
+    widths: dict[str, int] | None = None,
+) -> EmbeddingBagCollection:
+    """One exact table per sparse feature, `widths[name]` wide (default `config.dim`); bags
+    MEAN-pooled, single ids SUM-pooled."""
+    widths = widths or {}
     tables = [
         EmbeddingBagConfig(
             num_embeddings=f.num_embeddings,
-            embedding_dim=config.dim,
+            embedding_dim=widths.get(f.name, config.dim),
             name=table_name(f.name, table_prefix),
             feature_names=[f.name],
             pooling=PoolingType.MEAN if f.is_bag else PoolingType.SUM,
@@ -123,5 +137,4 @@ def build_per_feature_embedding(
         )
         for f in schema.sparse
     ]
-    ebc = EmbeddingBagCollection(tables=tables, device=device)
-    return FieldEmbedding(ebc, schema.sparse_names, len(schema.dense), config.dim)
+    return EmbeddingBagCollection(tables=tables, device=device)
