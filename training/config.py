@@ -83,6 +83,11 @@ class TrainConfig(_Strict):
         dense_weight_decay: L2 on dense parameters (Adam's decoupled-from-tables penalty).
         table_lr: learning rate of the fused row-wise Adagrad on embedding tables.
         table_eps: row-wise Adagrad epsilon.
+        replicate_max_mb: tables of at most this many MB (fp32 rows x width) are replicated
+            on every worker (TorchRec data-parallel sharding: no all-to-all of ids and pooled
+            embeddings, their dense gradients are all-reduced with the dense part and they
+            train with the same row-wise Adagrad, unfused); larger tables are sharded
+            table- or row-wise. 0 shards every table.
         eval_batch_size: rows per forward pass in evaluation.
         seed: seeds model init and shuffling.
         log_every_steps: rank 0 prints one progress line per this many steps.
@@ -102,6 +107,7 @@ class TrainConfig(_Strict):
     dense_weight_decay: float = Field(0.0, ge=0)
     table_lr: float = Field(0.05, gt=0)
     table_eps: float = Field(1e-8, gt=0)
+    replicate_max_mb: float = Field(1.0, ge=0)
     eval_batch_size: int = Field(8192, ge=1)
     seed: int = 0
     log_every_steps: int = Field(50, ge=1)

@@ -1,9 +1,11 @@
-"""Sharding a model's tables with TorchRec and building its two optimizers.
+"""Sharding a model's tables with TorchRec and building its optimizers.
 
-Tables are sharded table-wise or row-wise (never data-parallel: each rank holds only its own
-shards) by TorchRec's planner; the dense part is replicated by DMP (DDP inside). Tables train
-with a fused row-wise Adagrad applied in backward; dense parameters with Adam. Both sit in one
-CombinedOptimizer so the loop calls `step()` once.
+Tables are sharded table-wise or row-wise by TorchRec's planner, except tables no larger than
+`train.replicate_max_mb`, which are replicated (data-parallel); the dense part is replicated by
+DMP (DDP inside). Sharded tables train with a fused row-wise Adagrad applied in backward,
+replicated tables with the same row-wise Adagrad as a regular optimizer after DDP's all-reduce
+(TorchRec's data-parallel kernel is the dense one, not fused), dense parameters with Adam. All
+sit in one CombinedOptimizer so the loop calls `step()` once.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
@@ -25,6 +28,14 @@ from recsys.models.outputs import CTRModel
 from training.config import ExperimentConfig
 
 ALLOWED_SHARDING = [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value]
+REPLICATED = ShardingType.DATA_PARALLEL.value
+
+
+def table_sharding_types(config: EmbeddingBagConfig, replicate_max_mb: float) -> list[str]:
+    """The sharding types the planner may pick for one table: replicated when its fp32 weights
+    fit in `replicate_max_mb`, else table- or row-wise."""
+    size_mb = config.num_embeddings * config.embedding_dim * 4 / 2**20
+    return [REPLICATED] if size_mb <= replicate_max_mb else ALLOWED_SHARDING
 
 
 def shard_model(
@@ -40,7 +51,9 @@ def shard_model(
             {"lr": cfg.train.table_lr, "eps": cfg.train.table_eps},
         )
     constraints = {
-        config.name: ParameterConstraints(sharding_types=ALLOWED_SHARDING)
+        config.name: ParameterConstraints(
+            sharding_types=table_sharding_types(config, cfg.train.replicate_max_mb)
+        )
         for ebc in tables
         for config in ebc.embedding_bag_configs()
     }
@@ -50,13 +63,32 @@ def shard_model(
     dmp = DistributedModelParallel(
         model, device=device, plan=plan, sharders=[EmbeddingBagCollectionSharder()]
     )
+    replicated_suffixes = tuple(
+        f"{path}.embedding_bags.{table}.weight"
+        for path, module_plan in plan.plan.items()
+        for table, parameter_sharding in module_plan.items()  # type: ignore[attr-defined]
+        if parameter_sharding.sharding_type == REPLICATED
+    )
+    unfused = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    replicated = {k: v for k, v in unfused.items() if k.endswith(replicated_suffixes)}
     dense = KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(dmp.named_parameters())),
+        {k: v for k, v in unfused.items() if k not in replicated},
         lambda params: torch.optim.Adam(
             params, lr=cfg.train.dense_lr, weight_decay=cfg.train.dense_weight_decay
         ),
     )
-    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), plan
+    optimizers: list[KeyedOptimizer] = [dmp.fused_optimizer, dense]
+    if replicated:
+        optimizers.insert(
+            1,
+            KeyedOptimizerWrapper(
+                replicated,
+                lambda params: RowWiseAdagrad(
+                    params, lr=cfg.train.table_lr, eps=cfg.train.table_eps
+                ),
+            ),
+        )
+    return dmp, CombinedOptimizer(optimizers), plan
 
 
 def gather_full_state(dmp: torch.nn.Module, rank: int) -> dict[str, torch.Tensor] | None:

@@ -1,7 +1,8 @@
 """Two gloo processes train a DMP-sharded model a few steps and record what each rank sees.
 
-Run by tests/training/test_sharding.py as a subprocess (`python dist_check.py OUT_DIR`), so the
-spawned ranks import nothing from pytest. OUT_DIR must hold `features/` (a saved FeatureSchema)
+Run by tests/training/test_sharding.py as a subprocess (`python dist_check.py OUT_DIR
+[REPLICATE_MAX_MB]`, the value of `train.replicate_max_mb`, default 0), so the spawned ranks
+import nothing from pytest. OUT_DIR must hold `features/` (a saved FeatureSchema)
 and `train.parquet`/`valid.parquet` (raw rows). Each rank writes `rank<r>.pt` with its plan,
 local shards, dense parameters, eval results; rank 0 also writes the gathered full state.
 
@@ -36,7 +37,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run(rank: int, out_dir: str, port: int) -> None:
+def _run(rank: int, out_dir: str, port: int, replicate_max_mb: float) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -49,6 +50,7 @@ def _run(rank: int, out_dir: str, port: int) -> None:
     from recsys.models.registry import build_model
     from training.checkpoint import (
         Progress,
+        _flatten,
         restore_checkpoint,
         save_checkpoint,
         set_lr_scale,
@@ -61,7 +63,15 @@ def _run(rank: int, out_dir: str, port: int) -> None:
     from training.sharding import gather_full_state, shard_model
 
     out = Path(out_dir)
-    cfg = load_config(None, ["model.num_layers=2", "embedding.dim=8", "model.attention_dim=16"])
+    cfg = load_config(
+        None,
+        [
+            "model.num_layers=2",
+            "embedding.dim=8",
+            "model.attention_dim=16",
+            f"train.replicate_max_mb={replicate_max_mb}",
+        ],
+    )
     schema = FeatureSchema.load(out / "features")
 
     def build() -> tuple[Any, Any, Any, Any]:
@@ -81,6 +91,9 @@ def _run(rank: int, out_dir: str, port: int) -> None:
             optimizer.step()
 
     model, dmp, optimizer, plan = build()
+    initial = {
+        k: v.detach().clone() for k, v in dmp.state_dict().items() if not hasattr(v, "local_shards")
+    }
     train = schema.encode(pq.read_table(out / "train.parquet"))
     train_steps(model, dmp, optimizer, range(STEPS))
     valid = schema.encode(pq.read_table(out / "valid.parquet"))
@@ -130,13 +143,20 @@ def _run(rank: int, out_dir: str, port: int) -> None:
         "continued_restored": state_digest(dmp2, optimizer2),
     }
     record = {
+        "replicate_max_mb": replicate_max_mb,
         "plan": {
             table: str(p.sharding_type)
             for module_plan in plan.plan.values()
             for table, p in module_plan.items()
         },  # type: ignore[attr-defined]
         "local_shards": local_shards,
+        "initial": initial,
         "dense": dense,
+        "optimizer_state": {
+            key: tuple(value.shape)
+            for key, value in _flatten(optimizer.state_dict())
+            if isinstance(value, torch.Tensor)
+        },
         "rows": result.rows,
         "probs": result.probs,
         "metrics": result.metrics,
@@ -148,4 +168,5 @@ def _run(rank: int, out_dir: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    mp.spawn(_run, args=(sys.argv[1], _free_port()), nprocs=WORLD)
+    replicate = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+    mp.spawn(_run, args=(sys.argv[1], _free_port(), replicate), nprocs=WORLD)

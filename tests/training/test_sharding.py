@@ -1,6 +1,8 @@
 """Sharded training with two real gloo processes (no Ray): the plan shards tables, each rank
 holds only its own shards, dense replicas stay identical, distributed evaluation covers every
-row once and equals the unsharded model built from the gathered state."""
+row once and equals the unsharded model built from the gathered state. Run twice: every table
+sharded (`train.replicate_max_mb=0`), and mixed, the small tables replicated (data-parallel)
+beside sharded large ones."""
 
 from __future__ import annotations
 
@@ -23,17 +25,31 @@ from tests.tiny_data import make_tiny_table
 from training.config import load_config
 
 SCRIPT = Path(__file__).with_name("dist_check.py")
+DIM = 8
+# mixed mode: tables of up to 10 rows (at width 8) are replicated, larger ones sharded
+MIXED_REPLICATE_MB = 10 * DIM * 4 / 2**20
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+def _table_rows(schema: Any) -> dict[str, int]:
+    cfg = load_config(None, [f"embedding.dim={DIM}"])
+    embedding = build_embedding(schema, cfg.embedding, device=torch.device("meta"))
+    return {
+        c.name: c.num_embeddings
+        for ebc in embedding.modules()
+        if hasattr(ebc, "embedding_bag_configs")
+        for c in ebc.embedding_bag_configs()
+    }
+
+
+@pytest.fixture(scope="module", params=[0.0, MIXED_REPLICATE_MB], ids=["sharded", "mixed"])
+def ranks(tmp_path_factory: pytest.TempPathFactory, request: Any) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("dist")
     train, valid = make_tiny_table(num_rows=768, seed=1), make_tiny_table(num_rows=101, seed=2)
     fit_feature_schema(ML100K_CTR_SCHEMA, [train]).save(out / "features")
     pq.write_table(train, out / "train.parquet")
     pq.write_table(valid, out / "valid.parquet")
     subprocess.run(
-        [sys.executable, str(SCRIPT), str(out)],
+        [sys.executable, str(SCRIPT), str(out), str(request.param)],
         check=True,
         timeout=300,
         cwd=Path(__file__).resolve().parents[2],
@@ -41,10 +57,18 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def test_plan_shards_tables_table_or_row_wise(ranks: list[dict[str, Any]]) -> None:
+def test_plan_replicates_small_tables_and_shards_the_rest(ranks: list[dict[str, Any]]) -> None:
     plan = ranks[0]["plan"]
     assert set(plan) == {f"t_{name}" for name in ML100K_CTR_SCHEMA.input_columns()}
-    assert set(plan.values()) <= {"table_wise", "row_wise"}, plan
+    replicate_mb = ranks[0]["replicate_max_mb"]
+    schema = fit_feature_schema(ML100K_CTR_SCHEMA, [make_tiny_table(num_rows=768, seed=1)])
+    for table, rows in _table_rows(schema).items():
+        if rows * DIM * 4 / 2**20 <= replicate_mb:
+            assert plan[table] == "data_parallel", (table, rows, plan)
+        else:
+            assert plan[table] in {"table_wise", "row_wise"}, (table, rows, plan)
+    if replicate_mb:  # the mixed run really mixes
+        assert {"data_parallel"} < set(plan.values()), plan
 
 
 def test_each_rank_holds_only_its_own_shards(ranks: list[dict[str, Any]]) -> None:
@@ -56,15 +80,40 @@ def test_each_rank_holds_only_its_own_shards(ranks: list[dict[str, Any]]) -> Non
         for key, shards in held_here.items():
             rows_held[key] = rows_held.get(key, 0) + sum(size[0] for _, size in shards)
     full = ranks[0]["full_state"]
-    # together the ranks hold each table's rows exactly once
-    assert rows_held == {k: v.shape[0] for k, v in full.items() if ".embedding_bags." in k}
+    sharded = {t for t, kind in ranks[0]["plan"].items() if kind != "data_parallel"}
+    # together the ranks hold each sharded table's rows exactly once
+    assert rows_held == {
+        k: v.shape[0]
+        for k, v in full.items()
+        if ".embedding_bags." in k and k.split(".")[-2] in sharded
+    }
 
 
 def test_dense_replicas_stay_identical(ranks: list[dict[str, Any]]) -> None:
+    """Dense weights and replicated tables: equal on both ranks after training, and trained."""
     dense0, dense1 = ranks[0]["dense"], ranks[1]["dense"]
     assert dense0.keys() == dense1.keys() and dense0
     for key in dense0:
         torch.testing.assert_close(dense0[key], dense1[key], rtol=0, atol=0, msg=key)
+        assert not torch.equal(dense0[key], ranks[0]["initial"][key]), f"{key} did not train"
+    replicated = [k for k in dense0 if ".embedding_bags." in k]
+    expected = [t for t, kind in ranks[0]["plan"].items() if kind == "data_parallel"]
+    assert sorted(k.split(".")[-2] for k in replicated) == sorted(expected)
+
+
+def test_replicated_tables_train_with_row_wise_adagrad(ranks: list[dict[str, Any]]) -> None:
+    """A replicated table keeps one Adagrad accumulator per row (row-wise, as the fused
+    optimizer of sharded tables), not Adam's per-element moments."""
+    state = ranks[0]["optimizer_state"]
+    for table, kind in ranks[0]["plan"].items():
+        if kind != "data_parallel":
+            continue
+        weight = next(v for k, v in ranks[0]["dense"].items() if k.endswith(f"{table}.weight"))
+        entries = {k: shape for k, shape in state.items() if f".{table}.weight." in k}
+        assert entries, (table, sorted(state))
+        assert not any("exp_avg" in k for k in entries), entries
+        rows = weight.shape[0]
+        assert any(s and s[0] == rows and np.prod(s) == rows for s in entries.values()), entries
 
 
 def test_distributed_eval_covers_every_row_once_and_ranks_agree(
