@@ -179,18 +179,23 @@ class ExperimentConfig(_Strict):
             return {"name": "autoint", **value}
         return value
 
-    @field_validator("embedding")
-    @classmethod
-    def _shardable_widths(cls, value: EmbeddingConfig) -> EmbeddingConfig:
+    @model_validator(mode="after")
+    def _shardable_widths(self) -> ExperimentConfig:
         # TorchRec's sharded table kernels (FBGEMM) assert that every table's width is a
         # multiple of 4; say so here, naming the key, instead of in a worker's traceback.
-        for key, width in table_widths(value):
+        # Replicated tables have no such limit; which tables are small enough to be
+        # replicated is known once the vocabularies are fitted, so with replication on the
+        # check runs then, per table (training.sharding.check_table_widths).
+        if self.train.replicate_max_mb > 0:
+            return self
+        for key, width in table_widths(self.embedding):
             if width % 4:
                 raise ValueError(
                     f"{key}={width}: sharded training needs every embedding table's width to "
-                    f"be a multiple of 4 (FBGEMM's table kernels); use a multiple of 4"
+                    f"be a multiple of 4 (FBGEMM's table kernels); use a multiple of 4, or "
+                    f"replicate small tables with train.replicate_max_mb > 0"
                 )
-        return value
+        return self
 
 
 def table_widths(config: EmbeddingConfig) -> list[tuple[str, int]]:

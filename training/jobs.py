@@ -66,6 +66,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         return dict(json.loads(result_file.read_text()))
     paths = prepare_run(cfg, run_dir)
     prepare_peak_rss_mb = _peak_rss_mb()  # data preparation only: before Ray starts here
+    check_trainable(cfg, paths)
     run_trainer(cfg, paths)
     if not result_file.exists():
         raise RuntimeError(f"train: the run ended without writing {result_file}")
@@ -85,6 +86,25 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         " ".join(f"{m:.0f}" for m in result["worker_peak_rss_mb"]),
     )
     return result
+
+
+def check_trainable(cfg: ExperimentConfig, paths: RunPaths) -> None:
+    """Refuses, before Ray starts, a model whose tables the sharded trainer cannot train (a
+    sharded table's width must be a multiple of 4), once the vocabularies are known.
+
+    Raises:
+        ConfigError: naming the table and the settings that fix it.
+    """
+    import torch
+
+    from recsys.embeddings import build_embedding
+    from recsys.models.registry import build_model
+    from training.sharding import check_table_widths, model_tables
+
+    schema = FeatureSchema.load(Path(paths.features_dir))
+    embedding = build_embedding(schema, cfg.embedding, device=torch.device("meta"))
+    model = build_model(cfg.model, embedding, schema)
+    check_table_widths(model_tables(model), cfg.train.replicate_max_mb)
 
 
 def verify_serving(artifact: Path) -> bool:

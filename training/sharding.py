@@ -10,6 +10,9 @@ sit in one CombinedOptimizer so the loop calls `step()` once.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -24,6 +27,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from recsys.errors import ConfigError
 from recsys.models.outputs import CTRModel
 from training.config import ExperimentConfig
 
@@ -38,6 +42,37 @@ def table_sharding_types(config: EmbeddingBagConfig, replicate_max_mb: float) ->
     return [REPLICATED] if size_mb <= replicate_max_mb else ALLOWED_SHARDING
 
 
+def check_table_widths(tables: Iterable[EmbeddingBagConfig], replicate_max_mb: float) -> None:
+    """Refuses a sharded table whose width is not a multiple of 4 (FBGEMM's sharded kernels
+    assert it); replicated tables may have any width.
+
+    Raises:
+        ConfigError: naming the table and both ways out.
+    """
+    for config in tables:
+        if config.embedding_dim % 4 == 0:
+            continue
+        if REPLICATED in table_sharding_types(config, replicate_max_mb):
+            continue
+        size_mb = config.num_embeddings * config.embedding_dim * 4 / 2**20
+        raise ConfigError(
+            f"table {config.name} ({config.num_embeddings} rows, width "
+            f"{config.embedding_dim}): a sharded table's width must be a multiple of 4 "
+            f"(FBGEMM's kernels); use a width that is a multiple of 4, or replicate the table "
+            f"with train.replicate_max_mb >= {math.ceil(size_mb * 100) / 100:g}"
+        )
+
+
+def model_tables(model: torch.nn.Module) -> list[EmbeddingBagConfig]:
+    """The table configs of every EmbeddingBagCollection in `model`."""
+    return [
+        config
+        for ebc in model.modules()
+        if isinstance(ebc, EmbeddingBagCollection)
+        for config in ebc.embedding_bag_configs()
+    ]
+
+
 def shard_model(
     model: CTRModel, cfg: ExperimentConfig, world_size: int, device: torch.device | None = None
 ) -> tuple[DistributedModelParallel, CombinedOptimizer, ShardingPlan]:
@@ -50,12 +85,12 @@ def shard_model(
             ebc.parameters(),
             {"lr": cfg.train.table_lr, "eps": cfg.train.table_eps},
         )
+    check_table_widths(model_tables(model), cfg.train.replicate_max_mb)
     constraints = {
         config.name: ParameterConstraints(
             sharding_types=table_sharding_types(config, cfg.train.replicate_max_mb)
         )
-        for ebc in tables
-        for config in ebc.embedding_bag_configs()
+        for config in model_tables(model)
     }
     topology = Topology(world_size=world_size, compute_device=device.type)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)

@@ -1,10 +1,11 @@
 """Two gloo processes train a DMP-sharded model a few steps and record what each rank sees.
 
 Run by tests/training/test_sharding.py as a subprocess (`python dist_check.py OUT_DIR
-[REPLICATE_MAX_MB]`, the value of `train.replicate_max_mb`, default 0), so the spawned ranks
-import nothing from pytest. OUT_DIR must hold `features/` (a saved FeatureSchema)
-and `train.parquet`/`valid.parquet` (raw rows). Each rank writes `rank<r>.pt` with its plan,
-local shards, dense parameters, eval results; rank 0 also writes the gathered full state.
+[REPLICATE_MAX_MB [DIM]]`: `train.replicate_max_mb`, default 0, and `embedding.dim`,
+default 8), so the spawned ranks import nothing from pytest. OUT_DIR must hold `features/` (a
+saved FeatureSchema) and `train.parquet`/`valid.parquet` (raw rows). Each rank writes
+`rank<r>.pt` with its plan, local shards, dense parameters, eval results; rank 0 also writes
+the gathered full state.
 
 Then the ranks checkpoint (torch.distributed.checkpoint into OUT_DIR/ckpt), restore into a
 freshly built model and optimizer, and train the original and the restored copy on the same
@@ -37,7 +38,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run(rank: int, out_dir: str, port: int, replicate_max_mb: float) -> None:
+def _run(rank: int, out_dir: str, port: int, replicate_max_mb: float, dim: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -67,7 +68,7 @@ def _run(rank: int, out_dir: str, port: int, replicate_max_mb: float) -> None:
         None,
         [
             "model.num_layers=2",
-            "embedding.dim=8",
+            f"embedding.dim={dim}",
             "model.attention_dim=16",
             f"train.replicate_max_mb={replicate_max_mb}",
         ],
@@ -144,6 +145,7 @@ def _run(rank: int, out_dir: str, port: int, replicate_max_mb: float) -> None:
     }
     record = {
         "replicate_max_mb": replicate_max_mb,
+        "dim": dim,
         "plan": {
             table: str(p.sharding_type)
             for module_plan in plan.plan.values()
@@ -169,4 +171,5 @@ def _run(rank: int, out_dir: str, port: int, replicate_max_mb: float) -> None:
 
 if __name__ == "__main__":
     replicate = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
-    mp.spawn(_run, args=(sys.argv[1], _free_port(), replicate), nprocs=WORLD)
+    dim = int(sys.argv[3]) if len(sys.argv) > 3 else 8
+    mp.spawn(_run, args=(sys.argv[1], _free_port(), replicate, dim), nprocs=WORLD)

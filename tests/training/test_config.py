@@ -211,9 +211,27 @@ def test_config_is_frozen() -> None:
 def test_table_widths_not_divisible_by_4_are_refused_naming_the_key(
     overrides: list[str], key: str
 ) -> None:
+    """With every table sharded (no replication) the config alone decides: refused at load."""
     with pytest.raises(ConfigError, match="multiple of 4") as info:
-        load_config(None, overrides)
+        load_config(None, [*overrides, "train.replicate_max_mb=0"])
     assert key in str(info.value)
+
+
+def test_with_replication_widths_are_checked_per_table() -> None:
+    """Replicated tables may have any width; a table too large to replicate still needs a
+    multiple of 4, and the error names it and the replication size that would fix it."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    from training.sharding import check_table_widths
+
+    cfg = load_config(None, ["embedding.dim=2", "train.replicate_max_mb=1"])
+    small = EmbeddingBagConfig(num_embeddings=1000, embedding_dim=2, name="t_small")
+    large = EmbeddingBagConfig(num_embeddings=200_000, embedding_dim=2, name="t_large")
+    check_table_widths([small], cfg.train.replicate_max_mb)  # 8 KB: replicated, any width
+    with pytest.raises(ConfigError, match="multiple of 4") as info:
+        check_table_widths([small, large], cfg.train.replicate_max_mb)
+    assert "t_large" in str(info.value) and "train.replicate_max_mb >= 1.53" in str(info.value)
+    check_table_widths([large], 1.53)  # the size the message asks for is enough
 
 
 def test_widths_divisible_by_4_are_accepted() -> None:
