@@ -2,10 +2,13 @@
 dimensions, low-rank compression, and unified (multiplexed) embeddings against per-feature
 tables and per-feature hashing at equal budgets.
 
-Parts (all AutoInt, trained by the project's own trainer, 2 Ray workers, sharded tables):
-  fixed     per-feature tables at d in {4, 8, 12, 16, 32} on ml100k-ctr, 3 seeds: the fixed-d
-            curve (the same trainer, epoch budget and seeds as DNIS's retrain)
-  dnis      `recsys search-dims` (search + pruning + retrain from scratch), 3 seeds
+Parts (all AutoInt, trained by the project's own trainer, 2 Ray workers):
+  fixed     per-feature tables at d in {2, 4, 8, 12, 16, 32} on ml100k-ctr, 3 seeds: the fixed-d
+            curve (the same trainer, epoch budget and seeds as DNIS's retrain); every table
+            sharded (train.replicate_max_mb=0) as in DNIS's retrain, except d=2, which only
+            trains replicated (FBGEMM's sharded kernels need widths divisible by 4)
+  dnis      `recsys search-dims` (search + pruning + retrain from scratch), 3 seeds, at
+            targets of a half and a quarter of d=16's table parameters
   lowrank   AutoInt+ (DNN [400, 400]) trained, compressed by activation PCA to a 3x smaller
             model and fine-tuned; weight SVD at the same ranks and a small model trained from
             scratch at about the same size, 3 seeds
@@ -50,8 +53,14 @@ DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "embedding_tradeoffs.json"
 AUTOINT = ROOT / "configs" / "autoint_ml100k.yaml"
 SEEDS = (0, 1, 2)
 # d = 2 is not trainable sharded: FBGEMM's table kernels need widths divisible by 4 (TorchRec
-# asserts local_cols % 4 == 0), so the curve's low end is d = 4 and d = 12 fills the gap to 16.
-FIXED_DIMS = (4, 8, 12, 16, 32)
+# asserts local_cols % 4 == 0), so it runs with its (small) tables replicated; d = 12 fills
+# the gap between 8 and 16.
+FIXED_DIMS = (2, 4, 8, 12, 16, 32)
+SHARDED = "train.replicate_max_mb=0"  # the setting the curve's other points and DNIS ran with
+REPLICATED = "train.replicate_max_mb=1"
+# DNIS's parameter targets, as shares of the d=16 tables; cells of the config's own target
+# (0.5) are named dnis/seed<N>, the others dnis/r<share>/seed<N>
+DNIS_TARGETS = (0.5, 0.25)
 PARTS = ("fixed", "dnis", "lowrank", "unified", "synthetic")
 # unified / hashed budgets on ml100k-ctr, as fractions of the d=16 collisionless parameters
 ML100K_BUDGET_FRACTIONS = (0.25, 0.5)
@@ -126,7 +135,12 @@ def fixed_cells(ml100k: Path, work: Path, smoke: bool) -> dict[str, Cell]:
         f"fixed/d{d}/seed{seed}": (
             lambda d=d, seed=seed: train_cell(
                 AUTOINT,
-                [f"data.path={ml100k}", f"embedding.dim={d}", f"train.seed={seed}"],
+                [
+                    f"data.path={ml100k}",
+                    f"embedding.dim={d}",
+                    f"train.seed={seed}",
+                    SHARDED if d % 4 == 0 else REPLICATED,
+                ],
                 work,
                 f"fixed-d{d}-seed{seed}",
                 smoke,
@@ -233,17 +247,25 @@ def lowrank_cell(ml100k: Path, work: Path, seed: int, smoke: bool) -> dict[str, 
 DNIS = ROOT / "configs" / "dnis_ml100k.yaml"
 
 
-def dnis_cell(ml100k: Path, work: Path, seed: int, smoke: bool) -> dict[str, Any]:
+def dnis_name(target: float, seed: int) -> str:
+    return f"dnis/seed{seed}" if target == 0.5 else f"dnis/r{target:g}/seed{seed}"
+
+
+def dnis_cell(
+    ml100k: Path, work: Path, seed: int, smoke: bool, target: float = 0.5
+) -> dict[str, Any]:
     """`recsys search-dims` (the search on Ray, pruning, the retrain by the trainer)."""
     from training.search import run_search_dims
 
     overrides = [
         f"data.path={ml100k}",
         f"train.seed={seed}",
+        f"search.target_ratio={target}",
+        SHARDED,
         f"output.run_root={work / 'runs'}",
         f"output.model_repo={work / 'repo'}",
         "output.model_name=dnis",
-        f"output.run_name=dnis-seed{seed}-{int(time.time())}",
+        f"output.run_name=dnis-r{target:g}-seed{seed}-{int(time.time())}",
         "output.verify_serving=false",
     ]
     if smoke:
@@ -383,17 +405,45 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
     labels = list(budgets.get("ml100k", {}))
     for variant in ("unified", "hashed"):
         summary[f"{variant}_ml100k_pareto"] = pareto_points(cells, f"ml100k/{variant}", labels)
-    dnis_auc = _mean(cells, "dnis/")
-    if dnis_auc is not None:
-        dnis_params = _mean(cells, "dnis/", "embedding_params")
-        summary["dnis_test_auc"] = dnis_auc
-        summary["dnis_embedding_params"] = dnis_params
-        assert dnis_params is not None
-        summary["dnis_fixed_curve_auc_at_same_params"] = interpolate(fixed, dnis_params)
-        widths = {w for n, c in cells.items() if n.startswith("dnis/") for w in c["kept_widths"]}
-        summary["dnis_kept_widths"] = sorted(widths)
+    points = []
+    for target in DNIS_TARGETS:
+        prefix = dnis_name(target, 0).removesuffix("seed0")
+        runs = {
+            n: c
+            for n, c in cells.items()
+            if n.startswith(prefix) and n[len(prefix) :].startswith("seed")
+        }
+        if not runs:
+            continue
+        auc = float(np.mean([c["test_auc"] for c in runs.values()]))
+        params = float(np.mean([c["embedding_params"] for c in runs.values()]))
+        curve_auc = interpolate(fixed, params)
+        point = {
+            "target_ratio": target,
+            "seeds": len(runs),
+            "test_auc": auc,
+            "embedding_params": params,
+            "fixed_curve_auc_at_same_params": curve_auc,
+            "above_fixed_curve": curve_auc is not None and auc > curve_auc,
+            "kept_widths": sorted({w for c in runs.values() for w in c["kept_widths"]}),
+        }
         if "d16_embedding_params" in summary:
-            summary["dnis_params_ratio_vs_d16"] = summary["d16_embedding_params"] / dnis_params
+            point["params_ratio_vs_d16"] = summary["d16_embedding_params"] / params
+            point["at_least_d16_auc"] = auc >= summary["d16_test_auc"]
+        points.append(point)
+    if points:
+        summary["dnis_points"] = points
+        # the headline: the first target (in DNIS_TARGETS order) whose point is above the
+        # curve and at least d=16's AUC, else the config's own target; every point is listed
+        meets = [p for p in points if p["above_fixed_curve"] and p.get("at_least_d16_auc")]
+        head = meets[0] if meets else points[0]
+        summary["dnis_headline_target_ratio"] = head["target_ratio"]
+        summary["dnis_test_auc"] = head["test_auc"]
+        summary["dnis_embedding_params"] = head["embedding_params"]
+        summary["dnis_fixed_curve_auc_at_same_params"] = head["fixed_curve_auc_at_same_params"]
+        summary["dnis_kept_widths"] = head["kept_widths"]
+        if "params_ratio_vs_d16" in head:
+            summary["dnis_params_ratio_vs_d16"] = head["params_ratio_vs_d16"]
     for key in ("uncompressed", "lowrank", "weight_svd", "small_scratch"):
         if (auc := _mean(cells, "lowrank/", f"{key}_test_auc")) is not None:
             summary[f"{key}_test_auc"] = auc
@@ -456,8 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     if "fixed" in args.parts:
         plan.update(fixed_cells(ml100k, work, args.smoke))
     if "dnis" in args.parts:
-        for seed in seeds:
-            plan[f"dnis/seed{seed}"] = lambda seed=seed: dnis_cell(ml100k, work, seed, args.smoke)
+        for target in DNIS_TARGETS[:1] if args.smoke else DNIS_TARGETS:
+            for seed in seeds:
+                plan[dnis_name(target, seed)] = lambda seed=seed, target=target: dnis_cell(
+                    ml100k, work, seed, args.smoke, target
+                )
     if "lowrank" in args.parts:
         for seed in seeds:
             plan[f"lowrank/seed{seed}"] = lambda seed=seed: lowrank_cell(
