@@ -87,7 +87,8 @@ class TrainConfig(_Strict):
             on every worker (TorchRec data-parallel sharding: no all-to-all of ids and pooled
             embeddings, their dense gradients are all-reduced with the dense part and they
             train with the same row-wise Adagrad, unfused); larger tables are sharded
-            table- or row-wise. 0 shards every table.
+            table- or row-wise. 0 shards every table. A single worker shards every table
+            whose width allows it (nothing to exchange, and the fused kernel is faster).
         eval_batch_size: rows per forward pass in evaluation.
         seed: seeds model init and shuffling.
         log_every_steps: rank 0 prints one progress line per this many steps.

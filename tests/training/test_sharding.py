@@ -162,3 +162,20 @@ def test_checkpoint_restores_weights_and_both_optimizers_exactly(
     for key in full:
         torch.testing.assert_close(best[key], full[key], rtol=0, atol=0, msg=key)
     assert ranks[1]["checkpoint"]["best_state"] is None  # kept by rank 0 only
+
+
+def test_one_worker_shards_every_table_whose_width_allows_it() -> None:
+    """Replication saves the all-to-all only with several workers; one worker keeps the fused
+    kernel, except for widths that only the replicated kernel trains."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    from training.sharding import table_sharding_types
+
+    small = EmbeddingBagConfig(num_embeddings=100, embedding_dim=8, name="t_small")
+    narrow = EmbeddingBagConfig(num_embeddings=100, embedding_dim=2, name="t_narrow")
+    large = EmbeddingBagConfig(num_embeddings=100_000, embedding_dim=8, name="t_large")
+    assert table_sharding_types(small, 1.0, world_size=2) == ["data_parallel"]
+    assert table_sharding_types(small, 1.0, world_size=1) == ["table_wise", "row_wise"]
+    assert table_sharding_types(narrow, 1.0, world_size=1) == ["data_parallel"]
+    assert table_sharding_types(large, 1.0, world_size=2) == ["table_wise", "row_wise"]
+    assert table_sharding_types(small, 0.0, world_size=2) == ["table_wise", "row_wise"]
