@@ -125,11 +125,16 @@ class _InteractingLayer(nn.Module):
         query = self._split_heads(self._project(self.query, emb))  # (B, H, F, d')
         key = self._split_heads(self._project(self.key, emb))  # (B, H, F, d')
         value = self._split_heads(self._project(self.value, emb))  # (B, H, F, d')
-        scores = query @ key.transpose(-1, -2)  # (B, H, F, F)
+        # The scores are built transposed, keys on the second-to-last axis: torch's CPU
+        # softmax over a last axis of a few fields is slow (1024 rows, 2 heads, 8 fields:
+        # 3.5 ms forward and backward over the last axis, 0.8 ms over the one before), and
+        # this layer is most of AutoInt's step. The same softmax, the same products.
+        scores_t = key @ query.transpose(-1, -2)  # (B, H, F keys, F queries)
         if self.use_scale:
-            scores = scores / math.sqrt(self.head_dim)
-        weights = torch.softmax(scores, dim=-1)  # over keys: each row sums to 1
-        heads = self.attention_dropout(weights) @ value  # (B, H, F, d')
+            scores_t = scores_t / math.sqrt(self.head_dim)
+        weights_t = torch.softmax(scores_t, dim=-2)  # over keys: each query's column sums to 1
+        heads = self.attention_dropout(weights_t).transpose(-1, -2) @ value  # (B, H, F, d')
+        weights = weights_t.transpose(-1, -2)  # (B, H, F queries, F keys)
         out = heads.transpose(1, 2).reshape(batch_size, num_fields, -1)  # (B, F, H*d')
         if self.residual is not None:
             out = out + self._project(self.residual, emb)
