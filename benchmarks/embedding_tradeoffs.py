@@ -324,6 +324,7 @@ def budget_cells(
                     *data_overrides,
                     f"embedding.param_budget={budget}",
                     f"train.seed={seed}",
+                    SHARDED,
                 ]
                 config = ROOT / "configs" / f"autoint_{variant}_ml100k.yaml"
                 cells[name] = lambda c=config, o=overrides, n=name: train_cell(
@@ -343,6 +344,7 @@ def synthetic_cells(doc: dict[str, Any], work: Path, smoke: bool) -> dict[str, C
         "data.dataset=synthetic-ctr",
         f"data.path={folder}",
         f"train.max_epochs={1 if smoke else SYNTHETIC_EPOCHS}",
+        SHARDED,  # as the part's first cells ran, before small tables were replicated
     ]
     cells: dict[str, Cell] = {}
     dims = (16,) if smoke else SYNTHETIC_DIMS
