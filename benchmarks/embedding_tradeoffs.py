@@ -409,16 +409,11 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
         summary[f"{variant}_ml100k_pareto"] = pareto_points(cells, f"ml100k/{variant}", labels)
     points = []
     for target in DNIS_TARGETS:
-        prefix = dnis_name(target, 0).removesuffix("seed0")
-        runs = {
-            n: c
-            for n, c in cells.items()
-            if n.startswith(prefix) and n[len(prefix) :].startswith("seed")
-        }
+        runs = [cells[n] for seed in SEEDS if (n := dnis_name(target, seed)) in cells]
         if not runs:
             continue
-        auc = float(np.mean([c["test_auc"] for c in runs.values()]))
-        params = float(np.mean([c["embedding_params"] for c in runs.values()]))
+        auc = float(np.mean([c["test_auc"] for c in runs]))
+        params = float(np.mean([c["embedding_params"] for c in runs]))
         curve_auc = interpolate(fixed, params)
         point = {
             "target_ratio": target,
@@ -427,7 +422,7 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
             "embedding_params": params,
             "fixed_curve_auc_at_same_params": curve_auc,
             "above_fixed_curve": curve_auc is not None and auc > curve_auc,
-            "kept_widths": sorted({w for c in runs.values() for w in c["kept_widths"]}),
+            "kept_widths": sorted({w for c in runs for w in c["kept_widths"]}),
         }
         if "d16_embedding_params" in summary:
             point["params_ratio_vs_d16"] = summary["d16_embedding_params"] / params
