@@ -60,7 +60,7 @@ SHARDED = "train.replicate_max_mb=0"  # the setting the curve's other points and
 REPLICATED = "train.replicate_max_mb=1"
 # DNIS's parameter targets, as shares of the d=16 tables; cells of the config's own target
 # (0.5) are named dnis/seed<N>, the others dnis/r<share>/seed<N>
-DNIS_TARGETS = (0.5, 0.25)
+DNIS_TARGETS = (0.5, 0.25, 0.375)
 PARTS = ("fixed", "dnis", "lowrank", "unified", "synthetic")
 # unified / hashed budgets on ml100k-ctr, as fractions of the d=16 collisionless parameters
 ML100K_BUDGET_FRACTIONS = (0.25, 0.5)
