@@ -51,6 +51,16 @@ class DataConfig(_Strict):
             and replayed every epoch; a larger one streams from Parquet every epoch, so
             memory stays bounded. Re-reading costs seconds per epoch (Ray Data starts its
             read tasks again), which dominates an epoch of a small set. 0 always streams.
+        ingest_block_mb: the largest block Ray Data builds from the train split (its
+            target_max_block_size). A worker maps a whole block and its shuffle buffer copies
+            rows out of it, so this bounds that part of its memory; with Ray's default
+            (128 MB) a small streamed split became one block, read by the worker at once.
+        ingest_buffer_mb: object-store memory, per worker, that the train read may fill ahead
+            of the workers (Ray Data's resource_limits.object_store_memory for the ingest).
+            A worker's resident memory counts every object-store page it has read, and the
+            store only reuses pages of blocks already freed, so without a limit the read ran
+            ahead through the whole split and each worker's resident memory grew with it.
+            16 MB is about 50 batches of 1024 rows of 40 int64 columns.
     """
 
     dataset: Literal["ml100k-ctr", "ml100k-esmm", "ml100k-domains", "synthetic-ctr", "parquet"] = (
@@ -61,6 +71,8 @@ class DataConfig(_Strict):
     data_dir: str | None = None
     chunk_rows: int = Field(262_144, ge=1024)
     materialize_max_mb: int = Field(1024, ge=0)
+    ingest_block_mb: float = Field(4.0, gt=0)
+    ingest_buffer_mb: float = Field(16.0, gt=0)
 
     @model_validator(mode="after")
     def _parquet_needs_path(self) -> DataConfig:

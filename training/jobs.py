@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import resource
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from training.data import (
     side_tables,
     split_files,
 )
-from training.loop import RESULT_FILE, RunPaths, cvr_metrics
+from training.loop import RESULT_FILE, RunPaths, cvr_metrics, peak_rss_mb
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         logger.info("run %s already finished; its result is %s", run_dir.name, result_file)
         return dict(json.loads(result_file.read_text()))
     paths = prepare_run(cfg, run_dir)
-    prepare_peak_rss_mb = _peak_rss_mb()  # data preparation only: before Ray starts here
+    prepare_peak_rss_mb = peak_rss_mb()  # data preparation only: before Ray starts here
     check_trainable(cfg, paths)
     run_trainer(cfg, paths)
     if not result_file.exists():
@@ -73,7 +72,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     result = dict(json.loads(result_file.read_text()))
     # Peak memory of the whole job: this driver (data preparation) plus every train worker.
     result["prepare_peak_rss_mb"] = prepare_peak_rss_mb
-    result["driver_peak_rss_mb"] = _peak_rss_mb()
+    result["driver_peak_rss_mb"] = peak_rss_mb()
     result["peak_rss_mb"] = result["driver_peak_rss_mb"] + sum(result["worker_peak_rss_mb"])
     if cfg.output.verify_serving:
         result["serving_verified"] = verify_serving(Path(result["artifact"]))
@@ -125,11 +124,6 @@ def verify_serving(artifact: Path) -> bool:
         )
     logger.info("%s", done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "verified")
     return True
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def resolve_run(cfg: ExperimentConfig) -> tuple[ExperimentConfig, Path]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import ray
 import ray.data
+from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -69,6 +70,7 @@ def train_dataset(folder: Path, cfg: ExperimentConfig) -> ray.data.Dataset:
     """The train split as a Ray dataset: materialised once when it is small enough
     (`data.materialize_max_mb`), else streamed from Parquet every epoch."""
     dataset = ray.data.read_parquet(str(folder), shuffle="files")
+    dataset.context.target_max_block_size = int(cfg.data.ingest_block_mb * 2**20)
     size_mb = encoded_mb(folder)
     if size_mb > cfg.data.materialize_max_mb:
         logger.info("train split: %.0f MB encoded, streamed from Parquet every epoch", size_mb)
@@ -77,6 +79,15 @@ def train_dataset(folder: Path, cfg: ExperimentConfig) -> ray.data.Dataset:
     # A new block order every epoch (the files' order was drawn once, at the read); rows are
     # shuffled further within each worker's local shuffle buffer.
     return dataset.materialize().randomize_block_order()
+
+
+def ingest_options(cfg: ExperimentConfig) -> ExecutionOptions:
+    """Ray Train's default ingest options with the read-ahead capped at
+    `data.ingest_buffer_mb` per worker (see DataConfig)."""
+    options = DataConfig.default_ingest_options()
+    budget = cfg.data.ingest_buffer_mb * cfg.ray.num_workers * 2**20
+    options.resource_limits = options.resource_limits.copy(object_store_memory=budget)
+    return options
 
 
 def ray_storage_path(run_dir: Path) -> Path:
@@ -106,7 +117,9 @@ def run_trainer(cfg: ExperimentConfig, paths: RunPaths) -> None:
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(
+            datasets_to_split=["train"], execution_options=ingest_options(cfg)
+        ),
         run_config=RunConfig(
             name=Path(paths.run_dir).name,
             storage_path=str(ray_storage_path(Path(paths.run_dir))),

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from recsys.features.schema import fit_feature_schema
 from tests.tiny_data import TINY_MULTITASK_SCHEMA, make_tiny_table, with_ctcvr
 from training.jobs import PROB_PREFIX, metrics_from_predictions
-from training.loop import per_domain_metrics, split_metrics
+from training.loop import owned_columns, per_domain_metrics, split_metrics, table_of
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +85,14 @@ def test_evaluate_report_has_cvr_on_clicked_rows(table: pa.Table) -> None:
     assert set(report["tasks"]) == {"ctr", "ctcvr", "cvr"}
     assert report["tasks"]["cvr"]["auc"] == pytest.approx(trainer["cvr_auc"], abs=1e-12)
     assert report["tasks"]["cvr"]["num_rows"] == (table["click"].to_numpy() == 1).sum()
+
+
+def test_kept_columns_are_copies_that_reassemble_the_split() -> None:
+    # evaluation keeps a few columns of every batch until the split ends: as copies, so no
+    # batch's Arrow buffers stay alive (see owned_columns)
+    table = pa.table({"click": [1, 0, 1, 1], "user": ["a", "b", None, "a"], "x": [0.1] * 4})
+    parts = [owned_columns(table.slice(i, 2), ["click", "user", "missing"]) for i in (0, 2)]
+    for part in parts:
+        assert set(part) == {"click", "user"}
+        assert all(array.flags.owndata for array in part.values())
+    assert table_of(parts).to_pydict() == table.select(["click", "user"]).to_pydict()

@@ -14,7 +14,7 @@ import pytest
 import ray
 
 from training.config import load_config
-from training.ray_runner import encoded_mb, train_dataset
+from training.ray_runner import encoded_mb, ingest_options, train_dataset
 
 ROWS_PER_FILE = 5000
 
@@ -64,3 +64,24 @@ def test_a_split_over_the_limit_streams_from_parquet(local_ray: None, train_fold
     shutil.rmtree(train_folder)  # streamed: the next epoch reads the files again
     with pytest.raises(Exception, match=r"part-|No such file|not found|FileNotFound"):
         _rows(dataset)
+
+
+def test_blocks_are_cut_at_ingest_block_mb(local_ray: None, train_folder: Path) -> None:
+    # each file holds 80 kB of values; at a 20 kB limit Ray Data cuts it into several blocks,
+    # at the default (4 MB) a file stays one block
+    sizes = {}
+    for limit in (0.02, 4.0):
+        cfg = load_config(None, ["data.materialize_max_mb=0", f"data.ingest_block_mb={limit}"])
+        blocks = train_dataset(train_folder, cfg).iter_batches(
+            batch_size=None, batch_format="pyarrow"
+        )
+        sizes[limit] = [block.nbytes for block in blocks]
+    assert len(sizes[4.0]) <= 3 and sum(sizes[4.0]) == 3 * ROWS_PER_FILE * 16
+    assert len(sizes[0.02]) > 3 * 3 and sum(sizes[0.02]) == sum(sizes[4.0])
+    assert max(sizes[0.02]) <= 1.5 * 0.02 * 2**20
+
+
+def test_the_read_ahead_is_capped_per_worker() -> None:
+    cfg = load_config(None, ["data.ingest_buffer_mb=8", "ray.num_workers=2"])
+    limits = ingest_options(cfg).resource_limits
+    assert limits.object_store_memory == 2 * 8 * 2**20
