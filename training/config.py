@@ -115,6 +115,11 @@ class TrainConfig(_Strict):
         select_metric: the valid metric (higher is better) that early stopping and the choice
             of the exported epoch follow: `auc` (the first task's), or a task's, e.g.
             `ctcvr_auc`, `cvr_auc` (ESMM; CVR on clicked rows), `domain_weighted_auc`.
+        init_weights: a safetensors file with a full (unsharded) state dict of this very
+            model (its keys and shapes): training starts from those weights instead of a
+            fresh init, with fresh optimizer state. `recsys search-dims` points its retrain at
+            the searched model's folded weights this way. A resumed run restores its
+            checkpoint instead.
     """
 
     max_epochs: int = Field(10, ge=1)
@@ -132,6 +137,7 @@ class TrainConfig(_Strict):
     lr_decay_on_plateau: float = Field(1.0, gt=0, le=1)
     min_lr_scale: float = Field(1e-3, gt=0, le=1)
     select_metric: str = Field("auc", pattern=r"^[a-z_]*auc$")
+    init_weights: str | None = None
 
 
 class RayConfig(_Strict):

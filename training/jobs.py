@@ -89,7 +89,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def check_trainable(cfg: ExperimentConfig, paths: RunPaths) -> None:
     """Refuses, before Ray starts, a model whose tables the sharded trainer cannot train (a
-    sharded table's width must be a multiple of 4), once the vocabularies are known.
+    sharded table's width must be a multiple of 4), once the vocabularies are known, and
+    `train.init_weights` that do not fit the model.
 
     Raises:
         ConfigError: naming the table and the settings that fix it.
@@ -98,12 +99,14 @@ def check_trainable(cfg: ExperimentConfig, paths: RunPaths) -> None:
 
     from recsys.embeddings import build_embedding
     from recsys.models.registry import build_model
-    from training.sharding import check_table_widths, model_tables
+    from training.sharding import check_full_state, check_table_widths, model_tables
 
     schema = FeatureSchema.load(Path(paths.features_dir))
     embedding = build_embedding(schema, cfg.embedding, device=torch.device("meta"))
     model = build_model(cfg.model, embedding, schema)
     check_table_widths(model_tables(model), cfg.train.replicate_max_mb)
+    if cfg.train.init_weights is not None:
+        check_full_state(model, Path(cfg.train.init_weights))
 
 
 def verify_serving(artifact: Path) -> bool:

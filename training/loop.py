@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 from ray.train import Checkpoint
+from safetensors.torch import load_file
 
 from recsys.artifact import load_artifact, score_table, write_artifact
 from recsys.embeddings import build_embedding
@@ -58,7 +59,7 @@ from training.data import (
     split_files,
 )
 from training.early_stopping import EarlyStopping
-from training.sharding import gather_full_state, shard_model
+from training.sharding import gather_full_state, load_full_state, shard_model
 
 logger = logging.getLogger("training")
 RESULT_FILE = "result.json"
@@ -130,6 +131,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         restored = restore_checkpoint(checkpoint, dmp, optimizer, initial_lrs, run_dir)
         progress, best_state = restored.progress, restored.best_state
+    elif cfg.train.init_weights is not None:
+        load_full_state(dmp, load_file(cfg.train.init_weights))
+        if rank == 0:
+            logger.info("initial weights from %s", cfg.train.init_weights)
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     valid_files = split_files(Path(paths.encoded_dir), "valid")

@@ -4,11 +4,12 @@ config -> run folder, fitted features and encoded splits (as `recsys train`, tra
 -> the search in one Ray task (`search_task`, single-process by design: it needs unfused tables
 with explicit optimizers and valid batches for α; recsys/search/dnis.py) -> the run folder's
 `search/`: spec.json (the MixedDimSpec), alpha.safetensors (α, pruning scores, kept mask),
-curve.json (valid AUC vs table parameters of the pruning sweep), result.json, search.log ->
-the pruned model retrained from scratch by the regular trainer (`training.jobs.train`,
-DMP-sharded) on a copy of the config with `embedding.variant=mixed_dim` and the spec, same epoch
-budget and seed, into `<run>/retrain/`; the trainer writes it as a new version of
-`output.model_name`.
+init.safetensors (the searched weights in the pruned model's layout, α folded in), curve.json
+(valid AUC vs table parameters of the pruning sweep), result.json, search.log -> the pruned
+model retrained by the regular trainer (`training.jobs.train`, DMP-sharded) on a copy of the
+config with `embedding.variant=mixed_dim` and the spec, same epoch budget and seed, starting
+from init.safetensors (`search.retrain_from: searched`, the default) or from scratch, into
+`<run>/retrain/`; the trainer writes it as a new version of `output.model_name`.
 Running it again with the same `output.run_name` reuses a finished search and resumes the
 retrain.
 """
@@ -30,11 +31,13 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
 
+from recsys.embeddings import build_embedding
 from recsys.embeddings.config import MixedDimSpec
 from recsys.errors import ConfigError
 from recsys.features.batch import Batch, batch_from_encoded
 from recsys.features.schema import FeatureSchema
-from recsys.search.dnis import SearchData, build_search_model, run_search
+from recsys.models.registry import build_model
+from recsys.search.dnis import SearchData, build_search_model, folded_state, run_search
 from training.cli import USER_ERRORS, _run, config_from_args, experiment_parser
 from training.config import ExperimentConfig
 from training.data import iter_tables, rebatch, split_files
@@ -46,6 +49,7 @@ SEARCH_DIR = "search"
 RETRAIN_RUN = "retrain"
 SUMMARY_FILE = "search_dims.json"
 SEARCH_LOG = "search.log"
+INIT_WEIGHTS = "init.safetensors"
 
 
 def _echo(text: str) -> None:
@@ -125,7 +129,8 @@ def run_search_dims(cfg: ExperimentConfig) -> dict[str, Any]:
     spec = MixedDimSpec.model_validate_json((search_dir / "spec.json").read_text())
     retrain_cfg = retrain_config(cfg, spec, run_dir)
     logger.info(
-        "retraining the pruned model from scratch (%d of %d table parameters)",
+        "retraining the pruned model from %s (%d of %d table parameters)",
+        "the searched weights" if cfg.search.retrain_from == "searched" else "scratch",
         result["params"],
         result["full_params"],
     )
@@ -143,6 +148,7 @@ def run_search_dims(cfg: ExperimentConfig) -> dict[str, Any]:
         "warm_history": result["warm_history"],
         "search_history": result["search_history"],
         "search_wall_s": result.get("search_wall_s"),
+        "retrain_from": cfg.search.retrain_from,
         "retrain": {
             k: trained.get(k)
             for k in (
@@ -162,13 +168,19 @@ def run_search_dims(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def retrain_config(cfg: ExperimentConfig, spec: MixedDimSpec, run_dir: Path) -> ExperimentConfig:
     """The search's config with the searched mixed-dim embedding, trained in `<run>/retrain`
-    (same model, train settings, seed and model name)."""
+    (same model, train settings, seed and model name); with `search.retrain_from: searched`
+    it starts from the search's folded weights (`<run>/search/init.safetensors`)."""
     raw = cfg.model_dump(mode="json")
     raw["embedding"] = {
         **raw["embedding"],
         "variant": "mixed_dim",
         "mixed_dim": spec.model_dump(mode="json"),
     }
+    if cfg.search.retrain_from == "searched":
+        raw["train"] = {
+            **raw["train"],
+            "init_weights": str(run_dir / SEARCH_DIR / INIT_WEIGHTS),
+        }
     raw["output"] = {**raw["output"], "run_root": str(run_dir), "run_name": RETRAIN_RUN}
     return ExperimentConfig.model_validate(raw)
 
@@ -236,6 +248,11 @@ def search_task(config: dict[str, Any], paths_raw: dict[str, Any]) -> dict[str, 
     model = build_search_model(cfg.model, schema, cfg.embedding, cfg.search)
     result = run_search(model, _search_data(schema, Path(paths.encoded_dir), cfg), cfg.search)
     embedding = model.embedding
+    # The searched weights in the pruned model's layout, α folded in: the retrain's start when
+    # search.retrain_from is "searched" (written either way; the pruned model is small).
+    pruned_cfg = retrain_config(cfg, result.spec, Path(paths.run_dir))
+    pruned = build_model(cfg.model, build_embedding(schema, pruned_cfg.embedding), schema)
+    save_file(folded_state(model, result.mask, pruned), str(search_dir / INIT_WEIGHTS))
     return {
         "spec": result.spec.model_dump(mode="json"),
         "alpha": result.alpha.tolist(),

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -138,6 +140,62 @@ def shard_model(
             ),
         )
     return dmp, CombinedOptimizer(optimizers), plan
+
+
+def check_full_state(model: torch.nn.Module, path: Path) -> None:
+    """Checks that the safetensors file `path` holds every weight of `model` (an unsharded or
+    meta-device model) with its shape, and nothing else, reading only the file's header.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or its keys or shapes differ.
+    """
+    if not path.is_file():
+        raise ConfigError(
+            f"train.init_weights: {path} does not exist (expected a safetensors state dict of "
+            f"this model, e.g. the search's init.safetensors)"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise ConfigError(f"train.init_weights: {path} is not a safetensors file ({e})") from e
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
+    if missing or unexpected or wrong:
+        raise ConfigError(
+            f"train.init_weights: {path} does not fit this model (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, other shapes {wrong[:5]}); it must be written for "
+            f"the same model, embedding and vocabularies"
+        )
+
+
+@torch.no_grad()
+def load_full_state(dmp: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Loads a full (unsharded) state dict into a sharded model: each rank copies its own rows
+    and columns of every sharded table (its local shards' offsets) and all of every replicated
+    weight. The reverse of `gather_full_state`; every rank calls it with the same `full`.
+
+    Raises:
+        ConfigError: a key is missing from `full` or has another shape.
+    """
+    state = dmp.state_dict()
+    for key, value in state.items():
+        source = full.get(key)
+        if source is None or tuple(source.shape) != tuple(value.size()):
+            raise ConfigError(
+                f"train.init_weights: no weight {key} of shape {tuple(value.size())} in the "
+                f"file (got {None if source is None else tuple(source.shape)})"
+            )
+        if isinstance(value, ShardedTensor):
+            for shard in value.local_shards():
+                offsets, sizes = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                index = tuple(slice(o, o + n) for o, n in zip(offsets, sizes, strict=True))
+                shard.tensor.copy_(source[index])
+        else:
+            value.copy_(source)
+    dmp.load_state_dict(state)
 
 
 def gather_full_state(dmp: torch.nn.Module, rank: int) -> dict[str, torch.Tensor] | None:

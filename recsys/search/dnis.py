@@ -76,6 +76,10 @@ class DNISConfig(BaseModel):
         width_multiple: every kept width is a multiple of this; the sharded trainer's fused
             kernels need 4. Must divide embedding.dim.
         sweep_ratios: parameter shares of the pruning sweep (the AUC-vs-parameters curve).
+        retrain_from: where the retrain of the pruned model starts (METHODS.md §7(b)6, "fold α
+            into the table, retrain/fine-tune"): `searched`, the searched model's weights with
+            α folded into the kept columns (`folded_state`), or `scratch`, a fresh init. Either
+            way the retrain runs the `train:` section (epochs, early stopping, seed) unchanged.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -96,6 +100,7 @@ class DNISConfig(BaseModel):
     target_ratio: float | None = Field(0.5, gt=0, le=1)
     width_multiple: int = Field(4, ge=1)
     sweep_ratios: tuple[float, ...] = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+    retrain_from: Literal["searched", "scratch"] = "searched"
 
     @model_validator(mode="after")
     def _consistent(self) -> DNISConfig:
@@ -500,6 +505,69 @@ def spec_from_mask(embedding: SoftSelectionEmbedding, mask: torch.Tensor) -> Mix
             for s, end in enumerate(embedding.block_ends[f])
         )
     return MixedDimSpec(fields=fields)
+
+
+@torch.no_grad()
+def folded_state(
+    model: CTRModel, mask: torch.Tensor, pruned: CTRModel, prefix: str = "embedding.tables."
+) -> dict[str, torch.Tensor]:
+    """The searched model's weights in the layout of `pruned` (METHODS.md §7(b)6: "fold α into
+    the table"): each (field, block) table holds its block's rows of the field's searched
+    table, only the kept columns, each column times its α; a full-width (unsearched) field's
+    table is copied with α = 1 folded in; every other weight (the network, dense-feature
+    vectors) is copied as is.
+
+    With these weights `pruned` computes exactly what the searched model computes with its
+    pruning mask applied (`dim_mask = mask`), so a retrain can start from the searched model
+    instead of from scratch.
+
+    Args:
+        model: the searched model (from `build_search_model`, after `run_search`).
+        mask: (F, S, D) bool, the kept entries (`SearchResult.mask`).
+        pruned: the model built from `spec_from_mask(model.embedding, mask)`, on the CPU.
+        prefix: where the pruned model's EmbeddingBagCollection sits in its state dict.
+
+    Returns:
+        A full state dict for `pruned` (its keys, its shapes).
+
+    Raises:
+        ConfigError: `pruned` has a weight the searched model cannot supply (another
+            architecture or another spec).
+    """
+    embedding = soft_embedding(model)
+    alpha = embedding.alpha.detach() * mask.to(embedding.alpha.dtype)  # (F, S, D)
+    searched_state = model.state_dict()
+    table_of: dict[str, torch.Tensor] = {}  # pruned table name -> its weight
+    for f in range(len(embedding.sparse_names)):
+        weight = embedding.tables.embedding_bags[embedding.table_names[f]].weight.detach()
+        if not embedding.searched_fields[f]:
+            table_of[embedding.table_names[f]] = weight * alpha[f, 0]
+            continue
+        starts = [0, *embedding.block_ends[f][:-1]]
+        for s, (start, end) in enumerate(zip(starts, embedding.block_ends[f], strict=True)):
+            kept = torch.nonzero(mask[f, s]).flatten()
+            if kept.numel():
+                table = f"{embedding.table_names[f]}__b{s}"
+                table_of[table] = weight[start:end][:, kept] * alpha[f, s, kept]
+    state: dict[str, torch.Tensor] = {}
+    for key, target in pruned.state_dict().items():
+        table = key[len(prefix) :].split(".")[1] if key.startswith(prefix) else None
+        if table is not None and key.endswith(".weight") and table in table_of:
+            source = table_of[table]
+        elif key in searched_state:
+            source = searched_state[key]
+        else:
+            raise ConfigError(
+                f"search: the pruned model's weight {key} has no counterpart in the searched "
+                f"model; build the pruned model from the searched model's spec and config"
+            )
+        if source.shape != target.shape:
+            raise ConfigError(
+                f"search: the searched weight for {key} is {tuple(source.shape)} (expected "
+                f"{tuple(target.shape)}); build the pruned model from this search's spec"
+            )
+        state[key] = source.detach().clone().contiguous()
+    return state
 
 
 # --- the whole search -------------------------------------------------------------------------

@@ -10,6 +10,8 @@ the gathered full state.
 Then the ranks checkpoint (torch.distributed.checkpoint into OUT_DIR/ckpt), restore into a
 freshly built model and optimizer, and train the original and the restored copy on the same
 batches: the record holds the digests saved and restored and of both copies afterwards.
+Last, a third copy built from other weights loads the gathered full state (`load_full_state`,
+what `train.init_weights` does) and gathers it back, then trains a step.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def _run(rank: int, out_dir: str, port: int, replicate_max_mb: float, dim: int) 
     from training.data import ROW_COLUMN, rebatch
     from training.early_stopping import EarlyStopping
     from training.loop import evaluate_distributed
-    from training.sharding import gather_full_state, shard_model
+    from training.sharding import gather_full_state, load_full_state, shard_model
 
     out = Path(out_dir)
     cfg = load_config(
@@ -143,6 +145,20 @@ def _run(rank: int, out_dir: str, port: int, replicate_max_mb: float, dim: int) 
         "continued_original": state_digest(dmp, optimizer),
         "continued_restored": state_digest(dmp2, optimizer2),
     }
+    # train.init_weights: a third copy from other weights loads the full state rank 0 gathered
+    shared = [full]
+    dist.broadcast_object_list(shared, src=0)
+    torch.manual_seed(2)
+    model3, dmp3, optimizer3, _ = build()
+    before_load = gather_full_state(dmp3, rank)
+    load_full_state(dmp3, shared[0])
+    loaded = gather_full_state(dmp3, rank)
+    train_steps(model3, dmp3, optimizer3, range(STEPS, STEPS + 1))  # its optimizers still step
+    record_init = {
+        "before": before_load,
+        "loaded": loaded,
+        "stepped": gather_full_state(dmp3, rank),
+    }
     record = {
         "replicate_max_mb": replicate_max_mb,
         "dim": dim,
@@ -164,6 +180,7 @@ def _run(rank: int, out_dir: str, port: int, replicate_max_mb: float, dim: int) 
         "metrics": result.metrics,
         "full_state": full,
         "checkpoint": record_checkpoint,
+        "init_weights": record_init,
     }
     torch.save(record, out / f"rank{rank}.pt")
     dist.destroy_process_group()

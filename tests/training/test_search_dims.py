@@ -128,6 +128,27 @@ def test_retrain_exports_a_loadable_mixed_dim_artifact(searched: dict[str, Any])
 
 
 @pytest.mark.slow
+def test_retrain_starts_from_the_searched_weights_alpha_folded(searched: dict[str, Any]) -> None:
+    """METHODS.md §7(b)6: init.safetensors is the searched model pruned to the spec with α folded
+    into the tables; in the exported architecture it scores valid exactly as the pruning sweep
+    scored the searched model at that budget, and the retrain was pointed at it."""
+    from recsys.compression.lowrank import evaluate
+    from training.data import split_files
+
+    summary = searched["summary"]
+    assert summary["retrain_from"] == "searched"
+    init = searched["run"] / "search" / "init.safetensors"
+    retrain_config = json.loads((searched["run"] / "retrain" / "config.json").read_text())
+    assert retrain_config["train"]["init_weights"] == str(init)
+    artifact = load_artifact(summary["artifact"])
+    model = artifact.model
+    model.load_state_dict(load_file(str(init)))
+    swept = {p["ratio"]: p["valid_auc"] for p in summary["curve"]}
+    metrics = evaluate(model, artifact.schema, split_files(searched["data"], "valid"))
+    assert metrics["auc"] == pytest.approx(swept[0.4], abs=1e-6)
+
+
+@pytest.mark.slow
 def test_rerun_reuses_the_search_and_the_retrain(searched: dict[str, Any]) -> None:
     search = searched["run"] / "search"
     written = {p.name: p.stat().st_mtime_ns for p in search.iterdir()}

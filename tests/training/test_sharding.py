@@ -19,6 +19,7 @@ import torch
 
 from recsys.data.movielens import ML100K_CTR_SCHEMA
 from recsys.embeddings import build_embedding
+from recsys.errors import ConfigError
 from recsys.features.batch import features_from_encoded
 from recsys.features.schema import fit_feature_schema
 from recsys.models.registry import build_model
@@ -162,6 +163,39 @@ def test_checkpoint_restores_weights_and_both_optimizers_exactly(
     for key in full:
         torch.testing.assert_close(best[key], full[key], rtol=0, atol=0, msg=key)
     assert ranks[1]["checkpoint"]["best_state"] is None  # kept by rank 0 only
+
+
+def test_a_full_state_loads_into_every_rank_shard(ranks: list[dict[str, Any]]) -> None:
+    """train.init_weights: the unsharded state loaded into a sharded model from other weights
+    gathers back exactly (each rank copied its own shards and the replicated weights), and
+    the model then trains from there."""
+    full = ranks[0]["full_state"]
+    init = ranks[0]["init_weights"]
+    assert init["before"].keys() == full.keys() == init["loaded"].keys()
+    assert any(not torch.equal(init["before"][k], full[k]) for k in full)  # started elsewhere
+    for key in full:
+        torch.testing.assert_close(init["loaded"][key], full[key], rtol=0, atol=0, msg=key)
+    assert any(not torch.equal(init["stepped"][k], full[k]) for k in full)
+    assert ranks[1]["init_weights"]["loaded"] is None  # gathered on rank 0 only
+
+
+def test_init_weights_that_do_not_fit_the_model_are_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from training.sharding import check_full_state
+
+    schema = fit_feature_schema(ML100K_CTR_SCHEMA, [make_tiny_table(num_rows=256, seed=1)])
+    cfg = load_config(None, ["model.num_layers=2", "embedding.dim=8", "model.attention_dim=16"])
+    model = build_model(cfg.model, build_embedding(schema, cfg.embedding), schema)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "ok.safetensors"))
+    check_full_state(model, tmp_path / "ok.safetensors")  # fits: no error
+    first = next(iter(state))
+    save_file({k: v for k, v in state.items() if k != first}, str(tmp_path / "short.safetensors"))
+    with pytest.raises(ConfigError, match=f"train.init_weights: .*missing \\['{first}'\\]"):
+        check_full_state(model, tmp_path / "short.safetensors")
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_full_state(model, tmp_path / "absent.safetensors")
 
 
 def test_one_worker_shards_every_table_whose_width_allows_it() -> None:

@@ -29,6 +29,7 @@ from recsys.search.dnis import (
     alpha_step,
     build_search_model,
     embedding_optimizer,
+    folded_state,
     frequency_blocks,
     masked_param_count,
     prune_by_threshold,
@@ -292,6 +293,53 @@ def test_budget_pruning_fits_the_budget_and_keeps_the_best_dims(schema: FeatureS
     assert table_param_count(build_embedding(schema, config, device=torch.device("meta"))) == (
         masked_param_count(half, rows)
     )
+
+
+def test_folded_weights_reproduce_the_pruned_search_model(
+    schema: FeatureSchema, batch: Batch
+) -> None:
+    # METHODS.md §7(b)6: α folded into the kept columns of per-block tables; the mixed-dim model
+    # with those weights computes what the search model computes under its pruning mask
+    model = _search_model(schema, DNISConfig(fields=("user_id", "item_id", "zip3", "genres")))
+    embedding = _embedding(model)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        embedding.alpha.copy_(torch.rand(embedding.alpha.shape, generator=generator))
+        embedding.alpha[~embedding.searched] = 1.0
+    scores = torch.rand(embedding.alpha.shape, generator=generator)
+    full = masked_param_count(torch.ones_like(scores, dtype=torch.bool), embedding.block_rows)
+    mask = prune_to_budget(
+        scores, embedding.block_rows, embedding.searched, 0.4 * full, width_multiple=4
+    )
+    assert (mask.sum(-1)[embedding.searched] == 0).any()  # a block with no table at all
+    config = EmbeddingConfig(
+        variant="mixed_dim", dim=DIM, mixed_dim=spec_from_mask(embedding, mask)
+    )
+    torch.manual_seed(5)  # different init: every weight must come from the fold
+    pruned = build_model(TINY_AUTOINT, build_embedding(schema, config), schema)
+    model.eval(), pruned.eval()
+    pruned.load_state_dict(folded_state(model, mask, pruned))
+    with torch.no_grad():
+        embedding.dim_mask.copy_(mask)
+        expected = model(batch.features).logits["ctr"]
+        embedding.dim_mask.fill_(1.0)
+        got = pruned(batch.features).logits["ctr"]
+        unpruned = model(batch.features).logits["ctr"]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(unpruned, expected, atol=1e-4)  # the mask mattered
+
+
+def test_folding_into_another_architecture_is_a_config_error(schema: FeatureSchema) -> None:
+    model = _search_model(schema)
+    mask = torch.ones_like(_embedding(model).alpha, dtype=torch.bool)
+    config = EmbeddingConfig(
+        variant="mixed_dim", dim=DIM, mixed_dim=spec_from_mask(_embedding(model), mask)
+    )
+    other = build_model(
+        TINY_AUTOINT.model_copy(update={"num_layers": 3}), build_embedding(schema, config), schema
+    )
+    with pytest.raises(ConfigError, match="no counterpart in the searched model"):
+        folded_state(model, mask, other)
 
 
 # --- config and the whole search --------------------------------------------------------------
