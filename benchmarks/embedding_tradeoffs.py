@@ -7,11 +7,12 @@ Parts (all AutoInt, trained by the project's own trainer, 2 Ray workers):
             curve (the same trainer, epoch budget and seeds as DNIS's retrain); every table
             sharded (train.replicate_max_mb=0) as in DNIS's retrain, except d=2, which only
             trains replicated (FBGEMM's sharded kernels need widths divisible by 4)
-  dnis      `recsys search-dims` (search + pruning + retrain from scratch), 3 seeds, at
-            targets of a half and a quarter of d=16's table parameters
-  lowrank   AutoInt+ (DNN [400, 400]) trained, compressed by activation PCA to a 3x smaller
-            model and fine-tuned; weight SVD at the same ranks and a small model trained from
-            scratch at about the same size, 3 seeds
+  dnis      `recsys search-dims` (search + pruning + retrain), 3 seeds: the retrain starting
+            from the searched weights with α folded in (the default) at 1/2 and 3/8 of d=16's
+            table parameters, and from scratch at 1/2, 1/4 and 3/8
+  lowrank   AutoInt+ (DNN [400, 400]) trained, compressed by activation PCA to a 3x and a 4x
+            smaller model (the same trained model) and fine-tuned; weight SVD at the same ranks
+            and a small model trained from scratch at about the same size, 3 seeds
   unified   ml100k-ctr, 3 seeds: unified and hashed at budgets of a quarter and a half of the
             d=16 collisionless parameter count (per-feature tables at those budgets are the
             fixed-d points d=4 and d=8)
@@ -58,9 +59,18 @@ SEEDS = (0, 1, 2)
 FIXED_DIMS = (2, 4, 8, 12, 16, 32)
 SHARDED = "train.replicate_max_mb=0"  # the setting the curve's other points and DNIS ran with
 REPLICATED = "train.replicate_max_mb=1"
-# DNIS's parameter targets, as shares of the d=16 tables; cells of the config's own target
-# (0.5) are named dnis/seed<N>, the others dnis/r<share>/seed<N>
-DNIS_TARGETS = (0.5, 0.25, 0.375)
+# DNIS's points: (where the retrain starts, parameter target as a share of the d=16 tables).
+# Scratch cells at the config's own target (0.5) are named dnis/seed<N>, other scratch targets
+# dnis/r<share>/seed<N>, retrains from the searched weights dnis/searched/r<share>/seed<N>.
+DNIS_POINTS = (
+    ("searched", 0.5),
+    ("searched", 0.375),
+    ("scratch", 0.5),
+    ("scratch", 0.25),
+    ("scratch", 0.375),
+)
+# low-rank size targets (whole model, x smaller); cells lowrank/seed<N> (3x), lowrank/r<R>/seed<N>
+LOWRANK_RATIOS = (3.0, 4.0)
 PARTS = ("fixed", "dnis", "lowrank", "unified", "synthetic")
 # unified / hashed budgets on ml100k-ctr, as fractions of the d=16 collisionless parameters
 ML100K_BUDGET_FRACTIONS = (0.25, 0.5)
@@ -184,20 +194,34 @@ def _params_of(overrides: list[str], ml100k: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def lowrank_cell(ml100k: Path, work: Path, seed: int, smoke: bool) -> dict[str, Any]:
-    """AutoInt+ trained, `recsys compress --target-ratio 3 --compare-svd`, and a small model
-    trained from scratch at about the compressed size."""
-    trained = train_cell(
-        AUTOINT_PLUS,
-        [f"data.path={ml100k}", f"train.seed={seed}"],
-        work,
-        f"autoint-plus-seed{seed}",
-        smoke,
-    )
+def lowrank_name(ratio: float, seed: int) -> str:
+    return f"lowrank/seed{seed}" if ratio == 3 else f"lowrank/r{ratio:g}/seed{seed}"
+
+
+def lowrank_cell(
+    ml100k: Path,
+    work: Path,
+    seed: int,
+    smoke: bool,
+    ratio: float = 3.0,
+    trained: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """AutoInt+ trained (or `trained`, the same seed's run of another ratio's cell, reused),
+    `recsys compress --target-ratio R --compare-svd`, and a small model trained from scratch at
+    about the compressed size."""
+    if trained is None:
+        trained = train_cell(
+            AUTOINT_PLUS,
+            [f"data.path={ml100k}", f"train.seed={seed}"],
+            work,
+            f"autoint-plus-seed{seed}",
+            smoke,
+        )
     artifact = Path(trained["result"]["artifact"])
     command = [
         sys.executable, "-m", "recsys.cli", "compress", "--artifact", str(artifact),
-        "--target-ratio", "3", "--compare-svd", "--threads", "1", "--data", str(ml100k),
+        "--target-ratio", f"{ratio:g}", "--compare-svd", "--threads", "1", "--data", str(ml100k),
+        "--name", f"autoint-plus-r{ratio:g}-seed{seed}",
     ]  # fmt: skip
     if smoke:
         command += ["--epochs", "1"]
@@ -205,7 +229,7 @@ def lowrank_cell(ml100k: Path, work: Path, seed: int, smoke: bool) -> dict[str, 
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"recsys compress failed:\n{done.stderr[-3000:]}")
-    compressed = artifact.parent / str(int(artifact.name) + 1)
+    compressed = Path(json.loads(done.stdout.strip().splitlines()[-1])["artifact"])
     report = json.loads((compressed / "metrics.json").read_text())["compression"]
     test = report["stages"]["test"]
     final = "fine_tuned" if "fine_tuned" in test else "compressed"
@@ -218,10 +242,11 @@ def lowrank_cell(ml100k: Path, work: Path, seed: int, smoke: bool) -> dict[str, 
         AUTOINT_PLUS,
         [f"data.path={ml100k}", f"train.seed={seed}", *small],
         work,
-        f"autoint-plus-small-seed{seed}",
+        f"autoint-plus-small-r{ratio:g}-seed{seed}",
         smoke,
     )
     return {
+        "target_ratio": ratio,
         "trained": trained,
         "compress_s": time.perf_counter() - started,
         "compress_stdout": done.stdout.splitlines()[-40:],
@@ -247,25 +272,29 @@ def lowrank_cell(ml100k: Path, work: Path, seed: int, smoke: bool) -> dict[str, 
 DNIS = ROOT / "configs" / "dnis_ml100k.yaml"
 
 
-def dnis_name(target: float, seed: int) -> str:
+def dnis_name(target: float, seed: int, start: str = "scratch") -> str:
+    if start == "searched":
+        return f"dnis/searched/r{target:g}/seed{seed}"
     return f"dnis/seed{seed}" if target == 0.5 else f"dnis/r{target:g}/seed{seed}"
 
 
 def dnis_cell(
-    ml100k: Path, work: Path, seed: int, smoke: bool, target: float = 0.5
+    ml100k: Path, work: Path, seed: int, smoke: bool, target: float = 0.5, start: str = "scratch"
 ) -> dict[str, Any]:
-    """`recsys search-dims` (the search on Ray, pruning, the retrain by the trainer)."""
+    """`recsys search-dims` (the search on Ray, pruning, the retrain by the trainer from
+    `start`: the searched weights or scratch)."""
     from training.search import run_search_dims
 
     overrides = [
         f"data.path={ml100k}",
         f"train.seed={seed}",
         f"search.target_ratio={target}",
+        f"search.retrain_from={start}",
         SHARDED,
         f"output.run_root={work / 'runs'}",
         f"output.model_repo={work / 'repo'}",
         "output.model_name=dnis",
-        f"output.run_name=dnis-r{target:g}-seed{seed}-{int(time.time())}",
+        f"output.run_name=dnis-{start}-r{target:g}-seed{seed}-{int(time.time())}",
         "output.verify_serving=false",
     ]
     if smoke:
@@ -281,6 +310,7 @@ def dnis_cell(
     widths = sorted({len(b["kept"]) for b in _blocks(Path(summary["artifact"]))})
     return {
         "config": cfg.model_dump(mode="json"),
+        "retrain_from": start,
         "summary": summary,
         "test_auc": summary["retrain"]["test_auc"],
         "embedding_params": embedding_params(Path(summary["artifact"])),
@@ -408,14 +438,15 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
     for variant in ("unified", "hashed"):
         summary[f"{variant}_ml100k_pareto"] = pareto_points(cells, f"ml100k/{variant}", labels)
     points = []
-    for target in DNIS_TARGETS:
-        runs = [cells[n] for seed in SEEDS if (n := dnis_name(target, seed)) in cells]
+    for start, target in DNIS_POINTS:
+        runs = [cells[n] for seed in SEEDS if (n := dnis_name(target, seed, start)) in cells]
         if not runs:
             continue
         auc = float(np.mean([c["test_auc"] for c in runs]))
         params = float(np.mean([c["embedding_params"] for c in runs]))
         curve_auc = interpolate(fixed, params)
         point = {
+            "retrain_from": start,
             "target_ratio": target,
             "seeds": len(runs),
             "test_auc": auc,
@@ -430,10 +461,11 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
         points.append(point)
     if points:
         summary["dnis_points"] = points
-        # the headline: the first target (in DNIS_TARGETS order) whose point is above the
-        # curve and at least d=16's AUC, else the config's own target; every point is listed
+        # the headline: the first point (in DNIS_POINTS order) above the curve and at least
+        # d=16's AUC, else the first point; every point is listed
         meets = [p for p in points if p["above_fixed_curve"] and p.get("at_least_d16_auc")]
         head = meets[0] if meets else points[0]
+        summary["dnis_headline_retrain_from"] = head["retrain_from"]
         summary["dnis_headline_target_ratio"] = head["target_ratio"]
         summary["dnis_test_auc"] = head["test_auc"]
         summary["dnis_embedding_params"] = head["embedding_params"]
@@ -441,11 +473,32 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
         summary["dnis_kept_widths"] = head["kept_widths"]
         if "params_ratio_vs_d16" in head:
             summary["dnis_params_ratio_vs_d16"] = head["params_ratio_vs_d16"]
-    for key in ("uncompressed", "lowrank", "weight_svd", "small_scratch"):
-        if (auc := _mean(cells, "lowrank/", f"{key}_test_auc")) is not None:
-            summary[f"{key}_test_auc"] = auc
-    if (ratio := _mean(cells, "lowrank/", "size_ratio")) is not None:
-        summary["lowrank_size_ratio"] = ratio
+    lowrank = []
+    for target in LOWRANK_RATIOS:
+        runs = [cells[n] for seed in SEEDS if (n := lowrank_name(target, seed)) in cells]
+        if not runs:
+            continue
+        point: dict[str, Any] = {"target_ratio": target, "seeds": len(runs)}
+        for key in ("uncompressed", "lowrank", "weight_svd", "small_scratch"):
+            point[f"{key}_test_auc"] = float(np.mean([c[f"{key}_test_auc"] for c in runs]))
+        point["size_ratio"] = float(np.mean([c["size_ratio"] for c in runs]))
+        point["bytes_ratio"] = float(np.mean([c["bytes_ratio"] for c in runs]))
+        point["within_0.002_of_uncompressed"] = (
+            point["lowrank_test_auc"] >= point["uncompressed_test_auc"] - 0.002
+        )
+        point["above_weight_svd"] = point["lowrank_test_auc"] > point["weight_svd_test_auc"]
+        lowrank.append(point)
+    if lowrank:
+        summary["lowrank_points"] = lowrank
+        # the headline: the first ratio (in LOWRANK_RATIOS order) within 0.002 of the
+        # uncompressed model and above weight SVD, else the first; every ratio is listed
+        meets = [p for p in lowrank if p["within_0.002_of_uncompressed"] and p["above_weight_svd"]]
+        head = meets[0] if meets else lowrank[0]
+        summary["lowrank_headline_target_ratio"] = head["target_ratio"]
+        for key in ("uncompressed", "lowrank", "weight_svd", "small_scratch"):
+            summary[f"{key}_test_auc"] = head[f"{key}_test_auc"]
+        summary["lowrank_size_ratio"] = head["size_ratio"]
+        summary["lowrank_bytes_ratio"] = head["bytes_ratio"]
     synth_labels = list(budgets.get("synthetic", {}))
     summary["per_feature_synthetic_pareto"] = pareto_points(
         cells, "synthetic/fixed", [f"d{d}" for d in SYNTHETIC_DIMS]
@@ -455,6 +508,16 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
             cells, f"synthetic/{variant}", synth_labels
         )
     return summary
+
+
+def reusable_training(doc: dict[str, Any], seed: int) -> dict[str, Any] | None:
+    """The AutoInt+ training of this seed's saved low-rank cell (any ratio), if its artifact is
+    still on disk: every ratio compresses the same trained model."""
+    for ratio in LOWRANK_RATIOS:
+        cell = doc["cells"].get(lowrank_name(ratio, seed))
+        if cell is not None and Path(cell["trained"]["result"]["artifact"]).is_dir():
+            return dict(cell["trained"])
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -503,16 +566,19 @@ def main(argv: list[str] | None = None) -> int:
     if "fixed" in args.parts:
         plan.update(fixed_cells(ml100k, work, args.smoke))
     if "dnis" in args.parts:
-        for target in DNIS_TARGETS[:1] if args.smoke else DNIS_TARGETS:
+        for start, target in DNIS_POINTS[:1] if args.smoke else DNIS_POINTS:
             for seed in seeds:
-                plan[dnis_name(target, seed)] = lambda seed=seed, target=target: dnis_cell(
-                    ml100k, work, seed, args.smoke, target
+                plan[dnis_name(target, seed, start)] = (
+                    lambda seed=seed, target=target, start=start: dnis_cell(
+                        ml100k, work, seed, args.smoke, target, start
+                    )
                 )
     if "lowrank" in args.parts:
-        for seed in seeds:
-            plan[f"lowrank/seed{seed}"] = lambda seed=seed: lowrank_cell(
-                ml100k, work, seed, args.smoke
-            )
+        for ratio in LOWRANK_RATIOS[:1] if args.smoke else LOWRANK_RATIOS:
+            for seed in seeds:
+                plan[lowrank_name(ratio, seed)] = lambda seed=seed, ratio=ratio: lowrank_cell(
+                    ml100k, work, seed, args.smoke, ratio, reusable_training(doc, seed)
+                )
     if "unified" in args.parts:
         plan.update(
             budget_cells(
