@@ -91,6 +91,12 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: ServerMetrics | None = None, auth_token: str | None = None):
         self._metrics = metrics
         self._expected_auth = f"Bearer {auth_token}".encode() if auth_token else None
+        # the tasks of unary calls not yet finished (`shutdown` waits for them)
+        self._rpc_tasks: set[asyncio.Task[Any]] = set()
+
+    def unfinished_calls(self) -> set[asyncio.Task[Any]]:
+        """The tasks of unary calls that have not finished yet (`shutdown` waits for them)."""
+        return {task for task in self._rpc_tasks if not task.done()}
 
     async def intercept_service(
         self,
@@ -124,8 +130,13 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         self, method: str, behavior: Callable[..., Any]
     ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
         metrics = self._metrics
+        rpc_tasks = self._rpc_tasks
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            task = asyncio.current_task()
+            if task is not None and task not in rpc_tasks:
+                rpc_tasks.add(task)
+                task.add_done_callback(rpc_tasks.discard)
             request_id = _request_id(context.invocation_metadata())
             token = REQUEST_ID.set(request_id)
             start = time.perf_counter()

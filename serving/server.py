@@ -37,6 +37,10 @@ from serving.model_manager import ModelManager
 
 logger = logging.getLogger(__name__)
 
+# how long `shutdown` waits for calls whose responses are sent but whose tasks still run, and
+# the name of the coroutine grpc.aio runs per call (grpcio 1.85)
+DRAIN_TASKS_S = 5.0
+GRPC_CALL_COROUTINE = "_schedule_rpc_coro"
 SCORING_SERVICE = pb.DESCRIPTOR.services_by_name["Scoring"].full_name
 
 
@@ -88,6 +92,7 @@ class _Runtime:
     cfg: ServerConfig
     models: ModelManager
     health: HealthServicer
+    interceptor: ServingInterceptor
 
 
 _RUNTIMES: weakref.WeakKeyDictionary[grpc.aio.Server, _Runtime] = weakref.WeakKeyDictionary()
@@ -105,8 +110,9 @@ async def create_server(cfg: ServerConfig, models: ModelManager) -> tuple[grpc.a
     """
     models.check_repository()
     token = cfg.auth_token.get_secret_value() if cfg.auth_token else None
+    interceptor = ServingInterceptor(models.metrics, token)
     server = grpc.aio.server(
-        interceptors=[ServingInterceptor(models.metrics, token)],
+        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", cfg.max_receive_message_bytes),
             ("grpc.so_reuseport", 0),  # a taken port must fail, not be shared silently
@@ -157,7 +163,7 @@ async def create_server(cfg: ServerConfig, models: ModelManager) -> tuple[grpc.a
         )
     if cfg.metrics_port is not None:
         models.metrics.start_http(cfg.host, cfg.metrics_port)
-    _RUNTIMES[server] = _Runtime(cfg, models, health)
+    _RUNTIMES[server] = _Runtime(cfg, models, health, interceptor)
     await models.start()
     logger.info("serve: bound %s:%d (model repository %s)", cfg.host, port, cfg.model_repo)
     return server, port
@@ -175,9 +181,37 @@ async def shutdown(server: grpc.aio.Server, grace_s: float | None = None) -> Non
     await runtime.health.enter_graceful_shutdown()
     logger.info("serve: shutting down (in-flight calls get %.1fs)", grace)
     await server.stop(grace)
+    unfinished = await _finish_call_tasks(runtime.interceptor, DRAIN_TASKS_S)
+    if unfinished:
+        logger.warning("serve: %d call(s) still finishing after the grace period", unfinished)
     await runtime.models.close()
     runtime.models.metrics.stop_http()
     logger.info("serve: stopped")
+
+
+async def _finish_call_tasks(interceptor: ServingInterceptor, timeout_s: float) -> int:
+    """Waits for the Python tasks of calls the grpc core already considers done.
+
+    grpc.aio's `stop(grace)` returns once the core has no call in flight, which is as soon as
+    the last response is sent; the tasks grpc runs per call may still be finishing and would be
+    cancelled, with a logged traceback, when the event loop closes (grpc/grpc#37239). These
+    are the tasks the interceptor saw and grpc's per-call tasks (found by their coroutine's
+    name, which is grpc-internal, hence both).
+
+    Returns:
+        How many were still unfinished after `timeout_s`.
+    """
+    current = asyncio.current_task()
+    pending = interceptor.unfinished_calls() | {
+        task
+        for task in asyncio.all_tasks()
+        if task is not current
+        and not task.done()
+        and getattr(task.get_coro(), "__name__", "") == GRPC_CALL_COROUTINE
+    }
+    if pending:
+        _, pending = await asyncio.wait(pending, timeout=timeout_s)
+    return len(pending)
 
 
 async def serve(server: grpc.aio.Server, on_started: Callable[[], None] | None = None) -> None:

@@ -236,6 +236,7 @@ class ServerThread:
         self.models = ModelManager.from_config(cfg, transform=transform)
         self.server, self.port = self.run(create_server(cfg, self.models))
         self.run(self.server.start())
+        self.shut_down = False
 
     @property
     def address(self) -> str:
@@ -253,7 +254,8 @@ class ServerThread:
 
     def stop(self, grace_s: float = 5.0) -> None:
         if self.loop.is_running():
-            self.run(shutdown(self.server, grace_s))
+            if not self.shut_down:
+                self.run(shutdown(self.server, grace_s))
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(WAIT_S)
             self.loop.close()

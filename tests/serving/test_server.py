@@ -27,6 +27,8 @@ from serving._pb.recsys.v1 import scoring_pb2 as pb
 from serving._pb.recsys.v1 import scoring_pb2_grpc as pb_grpc
 from serving.client import AsyncScoringClient, ScoringClient, rows_request
 from serving.columns import column_from_values
+from serving.interceptors import ServingInterceptor
+from serving.server import _finish_call_tasks, shutdown
 from tests.serving.conftest import (
     EMBEDDING,
     MODEL,
@@ -339,6 +341,56 @@ def test_a_flood_beyond_the_queue_is_refused_while_the_server_stays_healthy(
     assert refused == 5
 
 
+def _grpc_call_tasks_running() -> list[str]:
+    names = ("_schedule_rpc_coro", "_handle_exceptions")  # grpc.aio's per-call coroutines
+    return [
+        task.get_name()
+        for task in asyncio.all_tasks()
+        if not task.done() and getattr(task.get_coro(), "__name__", "") in names
+    ]
+
+
+def test_a_graceful_stop_answers_queued_calls_and_leaves_no_call_task_running(
+    repo: Path,
+    start_server: StartServer,
+    tiny_schema: FeatureSchema,
+    tiny_table: pa.Table,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """grpc.aio's stop returns once the last response is sent; a call's task still finishing
+    then would be cancelled by the closing loop, its traceback in the log. `shutdown` waits
+    for them before it releases the models."""
+    gate = Gate()
+    server = start_server(repo, transform=gate.transform, max_wait_ms=0)
+    server.wait_serving()
+    running_at_release: list[list[str]] = []
+    release = server.models.close
+
+    async def record_and_release() -> None:
+        running_at_release.append(_grpc_call_tasks_running())
+        await release()
+
+    monkeypatch.setattr(server.models, "close", record_and_release)
+    raw = _inputs(tiny_schema, tiny_table, 4)
+    caplog.set_level(logging.INFO, logger="serving.server")
+    gate.close()
+    with server.client() as client, ThreadPoolExecutor(8) as pool:
+        busy = pool.submit(client.score_rows, MODEL_NAME, raw.slice(0, 1))
+        gate.wait_for_waiting()
+        queued = [pool.submit(client.score_rows, MODEL_NAME, raw) for _ in range(7)]
+        batcher = server.models.get(MODEL_NAME).batcher
+        wait_until(lambda: batcher.queued_rows == 28, "seven calls in the queue")
+        stopping = asyncio.run_coroutine_threadsafe(shutdown(server.server, 30.0), server.loop)
+        server.shut_down = True
+        wait_until(lambda: "serve: shutting down" in caplog.text, "the stop to begin")
+        gate.open()
+        assert busy.result(WAIT_S).version == 1
+        assert [len(f.result(WAIT_S).scores["ctr"]) for f in queued] == [4] * 7
+        stopping.result(WAIT_S)
+    assert running_at_release == [[]]
+
+
 def test_a_deadline_that_expires_in_the_queue_is_deadline_exceeded(
     repo: Path, start_server: StartServer, tiny_schema: FeatureSchema, tiny_table: pa.Table
 ) -> None:
@@ -627,3 +679,26 @@ def test_int8_serving_holds_uint8_tables_and_scores_close_to_fp32(
     fp32 = eager_scores(tiny_schema, 1, raw)
     np.testing.assert_allclose(result.scores["ctr"], fp32, rtol=0, atol=1e-2)
     assert not np.allclose(result.scores["ctr"], fp32, rtol=0, atol=1e-9)  # really quantized
+
+
+async def _schedule_rpc_coro(finished: asyncio.Event) -> None:
+    """Stands in for grpc.aio's per-call coroutine (same name) that outlives the core's call."""
+    await finished.wait()
+
+
+def test_shutdown_waits_for_call_tasks_the_grpc_core_already_finished() -> None:
+    async def scenario() -> tuple[int, bool, int]:
+        interceptor = ServingInterceptor()
+        finished, hung = asyncio.Event(), asyncio.Event()
+        late = asyncio.create_task(_schedule_rpc_coro(finished))
+        asyncio.get_running_loop().call_later(0.2, finished.set)
+        unfinished = await _finish_call_tasks(interceptor, timeout_s=10.0)
+        stuck = asyncio.create_task(_schedule_rpc_coro(hung))
+        await asyncio.sleep(0)
+        left = await _finish_call_tasks(interceptor, timeout_s=0.1)
+        stuck.cancel()
+        return unfinished, late.done(), left
+
+    unfinished, late_done, left = asyncio.run(scenario())
+    assert (unfinished, late_done) == (0, True)  # waited for the late one to finish
+    assert left == 1  # a task that never finishes is counted, not waited for forever
