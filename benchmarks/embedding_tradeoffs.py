@@ -438,6 +438,19 @@ def interpolate(curve: list[list[float]], params: float) -> float | None:
     return float(np.interp(np.log(params), xs, [a for _, a in curve]))
 
 
+def seed_fixed_curve(cells: dict[str, Any], seed: int) -> list[list[float]]:
+    """One seed's fixed-d curve, [embedding params, test AUC] sorted by parameters."""
+    names = [f"fixed/d{d}/seed{seed}" for d in FIXED_DIMS]
+    return sorted([cells[n]["embedding_params"], cells[n]["test_auc"]] for n in names if n in cells)
+
+
+def paired(diffs: list[float]) -> dict[str, Any]:
+    """Per-seed differences, their mean and its standard error (seeds share data order and
+    init across variants, so the paired difference is less noisy than the two means)."""
+    se = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else None
+    return {"per_seed": diffs, "mean": float(np.mean(diffs)), "se": se}
+
+
 def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     fixed = pareto_points(cells, "fixed", [f"d{d}" for d in FIXED_DIMS])
@@ -451,9 +464,20 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
         summary[f"{variant}_ml100k_pareto"] = pareto_points(cells, f"ml100k/{variant}", labels)
     points = []
     for start, target, score in DNIS_POINTS:
-        runs = [cells[n] for seed in SEEDS if (n := dnis_name(target, seed, start, score)) in cells]
+        by_seed = {
+            seed: cells[n]
+            for seed in SEEDS
+            if (n := dnis_name(target, seed, start, score)) in cells
+        }
+        runs = list(by_seed.values())
         if not runs:
             continue
+        # each seed against the same seed's fixed-d curve at its parameter count
+        seed_diffs = []
+        for seed, c in by_seed.items():
+            curve_auc = interpolate(seed_fixed_curve(cells, seed), c["embedding_params"])
+            if curve_auc is not None:
+                seed_diffs.append(c["test_auc"] - curve_auc)
         auc = float(np.mean([c["test_auc"] for c in runs]))
         params = float(np.mean([c["embedding_params"] for c in runs]))
         curve_auc = interpolate(fixed, params)
@@ -468,6 +492,8 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
             "above_fixed_curve": curve_auc is not None and auc > curve_auc,
             "kept_widths": sorted({w for c in runs for w in c["kept_widths"]}),
         }
+        if seed_diffs:
+            point["minus_fixed_curve_paired"] = paired(seed_diffs)
         if "d16_embedding_params" in summary:
             point["params_ratio_vs_d16"] = summary["d16_embedding_params"] / params
             point["at_least_d16_auc"] = auc >= summary["d16_test_auc"]
@@ -501,6 +527,9 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
             point["lowrank_test_auc"] >= point["uncompressed_test_auc"] - 0.002
         )
         point["above_weight_svd"] = point["lowrank_test_auc"] > point["weight_svd_test_auc"]
+        for key in ("uncompressed", "weight_svd"):
+            diffs = [c["lowrank_test_auc"] - c[f"{key}_test_auc"] for c in runs]
+            point[f"minus_{key}_paired"] = paired(diffs)
         lowrank.append(point)
     if lowrank:
         summary["lowrank_points"] = lowrank
