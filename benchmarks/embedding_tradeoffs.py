@@ -10,7 +10,8 @@ Parts (all AutoInt, trained by the project's own trainer, 2 Ray workers):
   dnis      `recsys search-dims` (search + pruning + retrain), 3 seeds: the retrain starting
             from the searched weights with α folded in (the default) at 1/2 and 3/8 of d=16's
             table parameters, and from scratch at 1/2, 1/4 and 3/8, pruned by α; also pruned
-            by magnitude (mean |α e| per block and dim, the authors' notebooks) at 1/2
+            by magnitude (mean |α e| per block and dim, the authors' notebooks) at 1/2; and
+            searched over d=32, pruned to d=8's parameter count and retrained from the search
   lowrank   AutoInt+ (DNN [400, 400]) trained, compressed by activation PCA to a 3x and a 4x
             smaller model (the same trained model) and fine-tuned; weight SVD at the same ranks
             and a small model trained from scratch at about the same size, 3 seeds
@@ -60,17 +61,22 @@ SEEDS = (0, 1, 2)
 FIXED_DIMS = (2, 4, 8, 12, 16, 32)
 SHARDED = "train.replicate_max_mb=0"  # the setting the curve's other points and DNIS ran with
 REPLICATED = "train.replicate_max_mb=1"
-# DNIS's points: (where the retrain starts, parameter target as a share of the d=16 tables,
-# what ranks the pruned entries: search.prune_score). Scratch cells of α pruning at the config's
-# own target (0.5) are named dnis/seed<N>, other scratch targets dnis/r<share>/seed<N>, the
-# others dnis/<start>[-<score>]/r<share>/seed<N> (`-<score>` when it is not α).
+# DNIS's points: (where the retrain starts, parameter target as a share of the searched
+# width's tables, what ranks the pruned entries: search.prune_score, the searched width d).
+# Scratch cells of α pruning from d=16 at the config's own target (0.5) are named dnis/seed<N>,
+# other scratch targets dnis/r<share>/seed<N>, the others
+# dnis/<start>[-<score>][-d<d>]/r<share>/seed<N> (`-<score>` when it is not α, `-d<d>` when the
+# search is not over d=16).
 DNIS_POINTS = (
-    ("searched", 0.5, "alpha"),
-    ("searched", 0.375, "alpha"),
-    ("searched", 0.5, "magnitude"),
-    ("scratch", 0.5, "alpha"),
-    ("scratch", 0.25, "alpha"),
-    ("scratch", 0.375, "alpha"),
+    ("searched", 0.5, "alpha", 16),
+    ("searched", 0.375, "alpha", 16),
+    ("searched", 0.5, "magnitude", 16),
+    ("scratch", 0.5, "alpha", 16),
+    ("scratch", 0.25, "alpha", 16),
+    ("scratch", 0.375, "alpha", 16),
+    # searched over d=32 (a wider space than the kept widths, as the paper's d=64), pruned to
+    # d=8's parameter count
+    ("searched", 0.25, "alpha", 32),
 )
 # low-rank size targets (whole model, x smaller); cells lowrank/seed<N> (3x), lowrank/r<R>/seed<N>
 LOWRANK_RATIOS = (3.0, 4.0)
@@ -275,10 +281,14 @@ def lowrank_cell(
 DNIS = ROOT / "configs" / "dnis_ml100k.yaml"
 
 
-def dnis_name(target: float, seed: int, start: str = "scratch", score: str = "alpha") -> str:
-    if start == "scratch" and score == "alpha":
+def dnis_name(
+    target: float, seed: int, start: str = "scratch", score: str = "alpha", dim: int = 16
+) -> str:
+    if start == "scratch" and score == "alpha" and dim == 16:
         return f"dnis/seed{seed}" if target == 0.5 else f"dnis/r{target:g}/seed{seed}"
     variant = start if score == "alpha" else f"{start}-{score}"
+    if dim != 16:
+        variant += f"-d{dim}"
     return f"dnis/{variant}/r{target:g}/seed{seed}"
 
 
@@ -290,6 +300,7 @@ def dnis_cell(
     target: float = 0.5,
     start: str = "scratch",
     score: str = "alpha",
+    dim: int = 16,
 ) -> dict[str, Any]:
     """`recsys search-dims` (the search on Ray, pruning by `score`, the retrain by the trainer
     from `start`: the searched weights or scratch)."""
@@ -301,11 +312,12 @@ def dnis_cell(
         f"search.target_ratio={target}",
         f"search.retrain_from={start}",
         f"search.prune_score={score}",
+        f"embedding.dim={dim}",
         SHARDED,
         f"output.run_root={work / 'runs'}",
         f"output.model_repo={work / 'repo'}",
         "output.model_name=dnis",
-        f"output.run_name=dnis-{start}-{score}-r{target:g}-seed{seed}-{int(time.time())}",
+        f"output.run_name=dnis-{start}-{score}-d{dim}-r{target:g}-seed{seed}-{int(time.time())}",
         "output.verify_serving=false",
     ]
     if smoke:
@@ -323,6 +335,7 @@ def dnis_cell(
         "config": cfg.model_dump(mode="json"),
         "retrain_from": start,
         "prune_score": score,
+        "searched_dim": dim,
         "summary": summary,
         "test_auc": summary["retrain"]["test_auc"],
         "embedding_params": embedding_params(Path(summary["artifact"])),
@@ -463,11 +476,11 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
     for variant in ("unified", "hashed"):
         summary[f"{variant}_ml100k_pareto"] = pareto_points(cells, f"ml100k/{variant}", labels)
     points = []
-    for start, target, score in DNIS_POINTS:
+    for start, target, score, dim in DNIS_POINTS:
         by_seed = {
             seed: cells[n]
             for seed in SEEDS
-            if (n := dnis_name(target, seed, start, score)) in cells
+            if (n := dnis_name(target, seed, start, score, dim)) in cells
         }
         runs = list(by_seed.values())
         if not runs:
@@ -484,6 +497,7 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
         point = {
             "retrain_from": start,
             "prune_score": score,
+            "searched_dim": dim,
             "target_ratio": target,
             "seeds": len(runs),
             "test_auc": auc,
@@ -506,6 +520,7 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
         head = meets[0] if meets else points[0]
         summary["dnis_headline_retrain_from"] = head["retrain_from"]
         summary["dnis_headline_prune_score"] = head["prune_score"]
+        summary["dnis_headline_searched_dim"] = head["searched_dim"]
         summary["dnis_headline_target_ratio"] = head["target_ratio"]
         summary["dnis_test_auc"] = head["test_auc"]
         summary["dnis_embedding_params"] = head["embedding_params"]
@@ -609,11 +624,11 @@ def main(argv: list[str] | None = None) -> int:
     if "fixed" in args.parts:
         plan.update(fixed_cells(ml100k, work, args.smoke))
     if "dnis" in args.parts:
-        for start, target, score in DNIS_POINTS[:1] if args.smoke else DNIS_POINTS:
+        for start, target, score, dim in DNIS_POINTS[:1] if args.smoke else DNIS_POINTS:
             for seed in seeds:
-                plan[dnis_name(target, seed, start, score)] = (
-                    lambda seed=seed, target=target, start=start, score=score: dnis_cell(
-                        ml100k, work, seed, args.smoke, target, start, score
+                plan[dnis_name(target, seed, start, score, dim)] = (
+                    lambda seed=seed, target=target, start=start, score=score, dim=dim: dnis_cell(
+                        ml100k, work, seed, args.smoke, target, start, score, dim
                     )
                 )
     if "lowrank" in args.parts:
