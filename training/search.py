@@ -36,8 +36,15 @@ from recsys.embeddings.config import MixedDimSpec
 from recsys.errors import ConfigError
 from recsys.features.batch import Batch, batch_from_encoded
 from recsys.features.schema import FeatureSchema
+from recsys.models.outputs import CTRModel
 from recsys.models.registry import build_model
-from recsys.search.dnis import SearchData, build_search_model, folded_state, run_search
+from recsys.search.dnis import (
+    SearchData,
+    build_search_model,
+    evaluate,
+    folded_state,
+    run_search,
+)
 from training.cli import USER_ERRORS, _run, config_from_args, experiment_parser
 from training.config import ExperimentConfig
 from training.data import iter_tables, rebatch, split_files
@@ -148,6 +155,7 @@ def run_search_dims(cfg: ExperimentConfig) -> dict[str, Any]:
         "warm_history": result["warm_history"],
         "search_history": result["search_history"],
         "search_wall_s": result.get("search_wall_s"),
+        "searched_model": result.get("searched_model"),
         "retrain_from": cfg.search.retrain_from,
         "retrain": {
             k: trained.get(k)
@@ -252,7 +260,10 @@ def search_task(config: dict[str, Any], paths_raw: dict[str, Any]) -> dict[str, 
     # search.retrain_from is "searched" (written either way; the pruned model is small).
     pruned_cfg = retrain_config(cfg, result.spec, Path(paths.run_dir))
     pruned = build_model(cfg.model, build_embedding(schema, pruned_cfg.embedding), schema)
-    save_file(folded_state(model, result.mask, pruned), str(search_dir / INIT_WEIGHTS))
+    state = folded_state(model, result.mask, pruned)
+    save_file(state, str(search_dir / INIT_WEIGHTS))
+    pruned.load_state_dict(state)
+    searched_model = _searched_model_metrics(pruned, schema, Path(paths.encoded_dir), cfg)
     return {
         "spec": result.spec.model_dump(mode="json"),
         "alpha": result.alpha.tolist(),
@@ -264,6 +275,7 @@ def search_task(config: dict[str, Any], paths_raw: dict[str, Any]) -> dict[str, 
         "warm_history": result.warm_history,
         "search_history": result.search_history,
         "blocks": result.blocks,
+        "searched_model": searched_model,
         "fields": schema.sparse_names,
         "block_ends": getattr(embedding, "block_ends", None),
         "search": cfg.search.model_dump(mode="json"),
@@ -283,6 +295,27 @@ def _log_to(path: Path) -> None:
 
 def _shuffled(table: pa.Table, rng: np.random.Generator) -> pa.Table:
     return table.take(pa.array(rng.permutation(table.num_rows)))
+
+
+def _searched_model_metrics(
+    pruned: CTRModel, schema: FeatureSchema, encoded_dir: Path, cfg: ExperimentConfig
+) -> dict[str, float]:
+    """Valid and test AUC/logloss of the searched model pruned to the spec, α folded in, before
+    any retraining: what the retrain adds. Test is read for this report only; no decision of
+    the search or the retrain looks at it. The valid figures are optimistic: α was fitted on
+    valid batches (METHODS.md §7(b)4), so only the test figure compares with trained models."""
+
+    def split(name: str) -> Iterator[Batch]:
+        files = split_files(encoded_dir, name)
+        for table in rebatch(iter_tables(files), cfg.train.eval_batch_size):
+            yield batch_from_encoded(schema, table)
+
+    metrics: dict[str, float] = {}
+    for name in ("valid", "test"):
+        with torch.no_grad():
+            found = evaluate(pruned, split(name))
+        metrics.update({f"{name}_auc": found["auc"], f"{name}_logloss": found["logloss"]})
+    return metrics
 
 
 def _search_data(schema: FeatureSchema, encoded_dir: Path, cfg: ExperimentConfig) -> SearchData:
@@ -341,6 +374,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
         "pruning sweep, valid auc before retraining: "
         + " | ".join(f"{p['params']:,}: {p['valid_auc']:.4f}" for p in summary["curve"])
     )
+    searched = summary.get("searched_model")
+    if searched:  # absent from a search finished before it was recorded
+        _echo(
+            f"searched model, pruned, before retraining: valid auc={searched['valid_auc']:.4f} "
+            f"(optimistic: alpha was fitted on valid) | test auc={searched['test_auc']:.4f}"
+        )
     retrain = summary["retrain"]
     _echo(
         f"retrained: best epoch {retrain['best_epoch']}: valid auc={retrain['valid_auc']:.4f} "

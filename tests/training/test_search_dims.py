@@ -146,6 +146,14 @@ def test_retrain_starts_from_the_searched_weights_alpha_folded(searched: dict[st
     swept = {p["ratio"]: p["valid_auc"] for p in summary["curve"]}
     metrics = evaluate(model, artifact.schema, split_files(searched["data"], "valid"))
     assert metrics["auc"] == pytest.approx(swept[0.4], abs=1e-6)
+    # the summary reports that model before retraining, on valid and on test
+    test = evaluate(model, artifact.schema, split_files(searched["data"], "test"))
+    before = summary["searched_model"]
+    assert before["valid_auc"] == pytest.approx(metrics["auc"], abs=1e-6)
+    assert before["test_auc"] == pytest.approx(test["auc"], abs=1e-6)
+    assert before["test_logloss"] == pytest.approx(test["logloss"], rel=1e-5)
+    assert before["test_auc"] != pytest.approx(before["valid_auc"], abs=1e-9)  # two splits
+    assert "searched model, pruned, before retraining:" in searched["stdout"]
 
 
 @pytest.mark.slow
