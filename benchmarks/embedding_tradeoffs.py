@@ -11,7 +11,9 @@ Parts (all AutoInt, trained by the project's own trainer, 2 Ray workers):
             from the searched weights with α folded in (the default) at 1/2 and 3/8 of d=16's
             table parameters, and from scratch at 1/2, 1/4 and 3/8, pruned by α; also pruned
             by magnitude (mean |α e| per block and dim, the authors' notebooks) at 1/2; and
-            searched over d=32, pruned to d=8's parameter count and retrained from the search
+            searched over d=32, pruned to d=8's parameter count and retrained from the search;
+            each cell also records the pruned searched model's valid and test AUC before the
+            retrain
   lowrank   AutoInt+ (DNN [400, 400]) trained, compressed by activation PCA to a 3x and a 4x
             smaller model (the same trained model) and fine-tuned; weight SVD at the same ranks
             and a small model trained from scratch at about the same size, 3 seeds
@@ -24,7 +26,8 @@ Parts (all AutoInt, trained by the project's own trainer, 2 Ray workers):
 Prints figures and writes benchmarks/results/embedding_tradeoffs.json: per-cell results
 (config, metrics, embedding parameters, the run's log), git sha, machine, date and a `summary`.
 Each cell is saved as soon as it finishes and skipped when the script runs again, so a sweep
-can span sessions (`--fresh` starts over; `--parts` runs some parts only).
+can span sessions (`--fresh` starts over; `--parts` runs some parts only; `--rerun PREFIX`
+runs the saved cells whose names start with PREFIX again).
 
     python benchmarks/embedding_tradeoffs.py                      # everything (hours)
     python benchmarks/embedding_tradeoffs.py --parts fixed dnis   # some parts
@@ -340,6 +343,8 @@ def dnis_cell(
         "test_auc": summary["retrain"]["test_auc"],
         "embedding_params": embedding_params(Path(summary["artifact"])),
         "searched_params": summary["embedding_params"],
+        # the pruned searched model before the retrain (valid is optimistic: α fitted on it)
+        "searched_model": summary.get("searched_model"),
         "kept_widths": widths,
         "wall_s": time.perf_counter() - started,
     }
@@ -508,6 +513,10 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
         }
         if seed_diffs:
             point["minus_fixed_curve_paired"] = paired(seed_diffs)
+        before = [c["searched_model"] for c in runs if c.get("searched_model")]
+        if len(before) == len(runs):  # cells run before it was recorded lack it
+            for key in ("valid_auc", "test_auc"):
+                point[f"before_retrain_{key}"] = float(np.mean([b[key] for b in before]))
         if "d16_embedding_params" in summary:
             point["params_ratio_vs_d16"] = summary["d16_embedding_params"] / params
             point["at_least_d16_auc"] = auc >= summary["d16_test_auc"]
@@ -584,6 +593,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="1 seed, 1 epoch, tiny sets")
     parser.add_argument("--fresh", action="store_true", help="ignore saved cells")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument(
+        "--rerun",
+        nargs="+",
+        default=[],
+        metavar="PREFIX",
+        help="run again the saved cells whose names start with PREFIX (e.g. dnis/searched/r0.5/)",
+    )
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--work-dir", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -646,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     if "synthetic" in args.parts:
         plan.update(synthetic_cells(doc, work, args.smoke))
     for name, run in plan.items():
-        if name in doc["cells"]:
+        rerun = bool(args.rerun) and name.startswith(tuple(args.rerun))
+        if name in doc["cells"] and not rerun:
             print(f"{name}: saved, test auc {doc['cells'][name]['test_auc']:.4f}")
             continue
         doc["cells"][name] = run()
