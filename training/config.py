@@ -106,7 +106,9 @@ class TrainConfig(_Strict):
             embeddings a sharded one exchanges: at 1 MB, synthetic-ctr's 2-worker run
             all-reduced 1.9 MB of tables per step and slowed from 10.1k to 8.9k samples/s.
         eval_batch_size: rows per forward pass in evaluation.
-        seed: seeds model init and shuffling.
+        seed: seeds model init and the train order (file and per-epoch block order of the
+            Ray dataset, each worker's shuffle buffer); a materialised train split trains
+            bitwise the same model again with the same seed and worker count.
         log_every_steps: rank 0 prints one progress line per this many steps.
         parity_rows: valid rows rescored from the exported artifact as the final check.
         lr_decay_on_plateau: after an epoch without a better valid AUC, every learning rate

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import ray
 import ray.data
-from ray.data import ExecutionOptions
+from ray.data import ExecutionOptions, FileShuffleConfig, RandomSeedConfig
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -68,17 +68,36 @@ def encoded_mb(folder: Path) -> float:
 
 def train_dataset(folder: Path, cfg: ExperimentConfig) -> ray.data.Dataset:
     """The train split as a Ray dataset: materialised once when it is small enough
-    (`data.materialize_max_mb`), else streamed from Parquet every epoch."""
-    dataset = ray.data.read_parquet(str(folder), shuffle="files")
+    (`data.materialize_max_mb`), else streamed from Parquet every epoch.
+
+    The file and block orders are drawn from `train.seed`, anew for each epoch (Ray Data
+    reseeds them with the dataset's execution index), so a materialised split reaches the
+    workers in the same order in every run with that seed (Ray Train's split hands each block
+    to the worker with the fewest rows so far, in arrival order). A streamed split's blocks
+    arrive as its reads finish, which varies from run to run."""
+    seed = cfg.train.seed
+    dataset = ray.data.read_parquet(
+        str(folder), shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True)
+    )
     dataset.context.target_max_block_size = int(cfg.data.ingest_block_mb * 2**20)
     size_mb = encoded_mb(folder)
     if size_mb > cfg.data.materialize_max_mb:
         logger.info("train split: %.0f MB encoded, streamed from Parquet every epoch", size_mb)
         return dataset
     logger.info("train split: %.0f MB encoded, read once into the object store", size_mb)
-    # A new block order every epoch (the files' order was drawn once, at the read); rows are
-    # shuffled further within each worker's local shuffle buffer.
-    return dataset.materialize().randomize_block_order()
+    # The read keeps the (seeded) file order, so the materialised block list does not depend
+    # on which read task finished first; the option is put back for the epochs, whose block
+    # order is the seeded permutation below. Rows are shuffled further within each worker's
+    # local shuffle buffer (seeded by the loop).
+    options = dataset.context.execution_options
+    options.preserve_order = True
+    try:
+        materialized = dataset.materialize()
+    finally:
+        options.preserve_order = False
+    return materialized.randomize_block_order(
+        seed=RandomSeedConfig(seed=seed, reseed_after_execution=True)
+    )
 
 
 def ingest_options(cfg: ExperimentConfig) -> ExecutionOptions:

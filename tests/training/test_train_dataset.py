@@ -1,6 +1,6 @@
 """The train split reaches the workers through Ray Data: read once into the object store when
 it is small (`data.materialize_max_mb`), streamed from Parquet every epoch otherwise; both give
-every row once per pass."""
+every row once per pass, in an order drawn from `train.seed` anew every epoch."""
 
 from __future__ import annotations
 
@@ -85,3 +85,28 @@ def test_the_read_ahead_is_capped_per_worker() -> None:
     cfg = load_config(None, ["data.ingest_buffer_mb=8", "ray.num_workers=2"])
     limits = ingest_options(cfg).resource_limits
     assert limits.object_store_memory == 2 * 8 * 2**20
+
+
+def _epoch_orders(folder: Path, seed: int, epochs: int = 2) -> list[list[int]]:
+    """The row order of each epoch of a fresh materialised train dataset for `seed`."""
+    cfg = load_config(
+        None, ["data.materialize_max_mb=1024", "data.ingest_block_mb=0.02", f"train.seed={seed}"]
+    )
+    dataset = train_dataset(folder, cfg)
+    return [
+        [
+            row
+            for batch in dataset.iter_batches(batch_format="pyarrow")
+            for row in batch["row"].to_pylist()
+        ]
+        for _ in range(epochs)
+    ]
+
+
+def test_the_seed_fixes_every_epochs_block_order(local_ray: None, train_folder: Path) -> None:
+    first, again, other = (_epoch_orders(train_folder, seed) for seed in (0, 0, 1))
+    rows = list(range(3 * ROWS_PER_FILE))
+    assert all(sorted(epoch) == rows for epoch in first)
+    assert first == again  # the same seed: the same order, epoch by epoch
+    assert first[0] != first[1]  # a new order every epoch
+    assert first != other  # another seed, other orders
