@@ -666,7 +666,9 @@ def main(argv: list[str] | None = None) -> int:
         if name in doc["cells"] and not rerun:
             print(f"{name}: saved, test auc {doc['cells'][name]['test_auc']:.4f}")
             continue
-        doc["cells"][name] = run()
+        # The commit each cell ran at: a rerun cell and an older one can differ in code (the
+        # train order is seeded from e53a1e7 on).
+        doc["cells"][name] = {**run(), "git_sha": git_sha()}
         save()
         cell = doc["cells"][name]
         print(
