@@ -39,29 +39,28 @@ def _recsys(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedPr
     return result
 
 
+def _train(work: Path, data: Path, repo: str, run_name: str, *sets: str) -> dict[str, Any]:
+    """`recsys train` of AutoInt on 2 workers for 2 epochs; returns the run's result.json."""
+    overrides = [
+        f"data.path={data}",
+        "train.max_epochs=2",
+        "output.run_root=runs",
+        f"output.model_repo={repo}",
+        f"output.run_name={run_name}",
+        *sets,
+    ]
+    config = str(REPO / "configs" / "autoint_ml100k.yaml")
+    args = ["train", "--config", config, "--num-workers", "2"]
+    for override in overrides:
+        args += ["--set", override]
+    _recsys(*args, cwd=work)
+    return json.loads((work / "runs" / run_name / "result.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def trained(ml100k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("e2e")
-    _recsys(
-        "train",
-        "--config",
-        str(REPO / "configs" / "autoint_ml100k.yaml"),
-        "--num-workers",
-        "2",
-        "--set",
-        f"data.path={ml100k_dir}",
-        "--set",
-        "train.max_epochs=2",
-        "--set",
-        "output.run_root=runs",
-        "--set",
-        "output.model_repo=repo",
-        "--set",
-        "output.run_name=e2e",
-        cwd=work,
-    )
-    result = json.loads((work / "runs" / "e2e" / "result.json").read_text())
-    return {"work": work, "result": result}
+    return {"work": work, "result": _train(work, ml100k_dir, "repo", "e2e")}
 
 
 def test_training_exports_a_verified_artifact(trained: dict[str, Any]) -> None:
@@ -84,27 +83,7 @@ def test_the_same_seed_trains_the_same_model(trained: dict[str, Any], ml100k_dir
     """2 workers, sharded tables, 2 epochs: the second run with the same config and seed sees
     the same batches on the same ranks and ends with bitwise the same weights."""
     work = trained["work"]
-    _recsys(
-        "train",
-        "--config",
-        str(REPO / "configs" / "autoint_ml100k.yaml"),
-        "--num-workers",
-        "2",
-        "--set",
-        f"data.path={ml100k_dir}",
-        "--set",
-        "train.max_epochs=2",
-        "--set",
-        "output.run_root=runs",
-        "--set",
-        "output.model_repo=repo_again",
-        "--set",
-        "output.run_name=e2e_again",
-        "--set",
-        "output.verify_serving=false",
-        cwd=work,
-    )
-    again = json.loads((work / "runs" / "e2e_again" / "result.json").read_text())
+    again = _train(work, ml100k_dir, "repo_again", "e2e_again", "output.verify_serving=false")
     first = trained["result"]
     for key in ("best_epoch", "valid_auc", "valid_logloss", "test_auc", "test_logloss"):
         assert again[key] == first[key], key
