@@ -22,6 +22,10 @@ Parts (all AutoInt, trained by the project's own trainer, 2 Ray workers):
             fixed-d points d=4 and d=8)
   synthetic synthetic-ctr (1M rows, vocabularies up to 10M so collisions matter), 1 seed:
             per-feature at d in {4, 16} and unified / hashed at a few budgets
+  epochs    the epoch-budget check: the fixed-d curve (d in {2, 4, 8, 16, 32}) and DNIS from
+            scratch at 1/2 of d=16, both with train.max_epochs=20 instead of the config's 10
+            (many 10-epoch cells pick their last epoch), 3 seeds, cells e20/...; reported
+            beside the 10-epoch headline as `epoch_budget_20`, not in place of it
 
 Prints figures and writes benchmarks/results/embedding_tradeoffs.json: per-cell results
 (config, metrics, embedding parameters, the run's log), git sha, machine, date and a `summary`.
@@ -83,7 +87,7 @@ DNIS_POINTS = (
 )
 # low-rank size targets (whole model, x smaller); cells lowrank/seed<N> (3x), lowrank/r<R>/seed<N>
 LOWRANK_RATIOS = (3.0, 4.0)
-PARTS = ("fixed", "dnis", "lowrank", "unified", "synthetic")
+PARTS = ("fixed", "dnis", "lowrank", "unified", "synthetic", "epochs")
 # unified / hashed budgets on ml100k-ctr, as fractions of the d=16 collisionless parameters
 ML100K_BUDGET_FRACTIONS = (0.25, 0.5)
 SYNTHETIC_ROWS = 1_000_000
@@ -150,11 +154,21 @@ def train_cell(
 Cell = Callable[[], dict[str, Any]]
 
 
-def fixed_cells(ml100k: Path, work: Path, smoke: bool) -> dict[str, Cell]:
-    dims = (16,) if smoke else FIXED_DIMS  # smoke: the d16 keys; make test's time is short
+def fixed_cells(
+    ml100k: Path,
+    work: Path,
+    smoke: bool,
+    dims: tuple[int, ...] = FIXED_DIMS,
+    extra: tuple[str, ...] = (),
+    prefix: str = "",
+) -> dict[str, Cell]:
+    """Cells `<prefix>fixed/d<d>/seed<N>`: AutoInt at width d, the config's settings plus
+    `extra` overrides."""
+    dims = (16,) if smoke else dims  # smoke: the d16 keys; make test's time is short
     seeds = SEEDS[:1] if smoke else SEEDS
+    run_prefix = prefix.replace("/", "-")
     return {
-        f"fixed/d{d}/seed{seed}": (
+        f"{prefix}fixed/d{d}/seed{seed}": (
             lambda d=d, seed=seed: train_cell(
                 AUTOINT,
                 [
@@ -162,15 +176,23 @@ def fixed_cells(ml100k: Path, work: Path, smoke: bool) -> dict[str, Cell]:
                     f"embedding.dim={d}",
                     f"train.seed={seed}",
                     SHARDED if d % 4 == 0 else REPLICATED,
+                    *extra,
                 ],
                 work,
-                f"fixed-d{d}-seed{seed}",
+                f"{run_prefix}fixed-d{d}-seed{seed}",
                 smoke,
             )
         )
         for d in dims
         for seed in seeds
     }
+
+
+# The epoch-budget check: its curve is the issue's d in {2, 4, 8, 16, 32} (d = 8 and d = 16 first:
+# the DNIS point's comparison needs those two), its DNIS point the from-scratch retrain at 1/2.
+EPOCH_BUDGET = 20
+EPOCH_PREFIX = f"e{EPOCH_BUDGET}/"
+EPOCH_DIMS = (8, 16, 2, 4, 32)
 
 
 AUTOINT_PLUS = ROOT / "configs" / "autoint_plus_ml100k.yaml"
@@ -304,9 +326,10 @@ def dnis_cell(
     start: str = "scratch",
     score: str = "alpha",
     dim: int = 16,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """`recsys search-dims` (the search on Ray, pruning by `score`, the retrain by the trainer
-    from `start`: the searched weights or scratch)."""
+    from `start`: the searched weights or scratch), the config's settings plus `extra`."""
     from training.search import run_search_dims
 
     overrides = [
@@ -322,6 +345,7 @@ def dnis_cell(
         "output.model_name=dnis",
         f"output.run_name=dnis-{start}-{score}-d{dim}-r{target:g}-seed{seed}-{int(time.time())}",
         "output.verify_serving=false",
+        *extra,
     ]
     if smoke:
         overrides += [
@@ -456,9 +480,11 @@ def interpolate(curve: list[list[float]], params: float) -> float | None:
     return float(np.interp(np.log(params), xs, [a for _, a in curve]))
 
 
-def seed_fixed_curve(cells: dict[str, Any], seed: int) -> list[list[float]]:
+def seed_fixed_curve(
+    cells: dict[str, Any], seed: int, prefix: str = "", dims: tuple[int, ...] = FIXED_DIMS
+) -> list[list[float]]:
     """One seed's fixed-d curve, [embedding params, test AUC] sorted by parameters."""
-    names = [f"fixed/d{d}/seed{seed}" for d in FIXED_DIMS]
+    names = [f"{prefix}fixed/d{d}/seed{seed}" for d in dims]
     return sorted([cells[n]["embedding_params"], cells[n]["test_auc"]] for n in names if n in cells)
 
 
@@ -574,7 +600,61 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
         summary[f"{variant}_synthetic_pareto"] = pareto_points(
             cells, f"synthetic/{variant}", synth_labels
         )
+    if epochs := epoch_budget_summary(cells):
+        summary[f"epoch_budget_{EPOCH_BUDGET}"] = epochs
     return summary
+
+
+def epoch_budget_summary(cells: dict[str, Any]) -> dict[str, Any]:
+    """The e20 curve, d=16 and the DNIS point against them, as the 10-epoch figures are."""
+    prefix = EPOCH_PREFIX
+    if not any(name.startswith(prefix) for name in cells):
+        return {}
+    curve = pareto_points(cells, f"{prefix}fixed", [f"d{d}" for d in sorted(EPOCH_DIMS)])
+    out: dict[str, Any] = {"max_epochs": EPOCH_BUDGET, "fixed_d_ml100k_curve": curve}
+    best_epochs = {
+        name: c["result"]["best_epoch"]
+        for name, c in cells.items()
+        if name.startswith(f"{prefix}fixed/") and "best_epoch" in c.get("result", {})
+    }
+    if best_epochs:
+        out["fixed_cells_best_epoch"] = best_epochs
+    if (d16 := _mean(cells, f"{prefix}fixed/d16/")) is not None:
+        out["d16_test_auc"] = d16
+        out["d16_embedding_params"] = _mean(cells, f"{prefix}fixed/d16/", "embedding_params")
+    runs = {s: cells[n] for s in SEEDS if (n := f"{prefix}dnis/seed{s}") in cells}
+    if runs:
+        auc = float(np.mean([c["test_auc"] for c in runs.values()]))
+        params = float(np.mean([c["embedding_params"] for c in runs.values()]))
+        curve_auc = interpolate(curve, params)
+        point: dict[str, Any] = {
+            "retrain_from": "scratch",
+            "prune_score": "alpha",
+            "target_ratio": 0.5,
+            "seeds": len(runs),
+            "test_auc": auc,
+            "embedding_params": params,
+            "fixed_curve_auc_at_same_params": curve_auc,
+            "above_fixed_curve": curve_auc is not None and auc > curve_auc,
+            "kept_widths": sorted({w for c in runs.values() for w in c["kept_widths"]}),
+        }
+        diffs = []
+        for seed, c in runs.items():
+            seed_curve = seed_fixed_curve(cells, seed, prefix, EPOCH_DIMS)
+            if (at := interpolate(seed_curve, c["embedding_params"])) is not None:
+                diffs.append(c["test_auc"] - at)
+        if diffs:
+            point["minus_fixed_curve_paired"] = paired(diffs)
+        d16_runs = {s: cells[n] for s in runs if (n := f"{prefix}fixed/d16/seed{s}") in cells}
+        if d16_runs:
+            point["minus_d16_paired"] = paired(
+                [runs[s]["test_auc"] - d16_runs[s]["test_auc"] for s in d16_runs]
+            )
+        if d16 is not None:
+            point["params_ratio_vs_d16"] = out["d16_embedding_params"] / params
+            point["at_least_d16_auc"] = auc >= d16
+        out["dnis"] = point
+    return out
 
 
 def reusable_training(doc: dict[str, Any], seed: int) -> dict[str, Any] | None:
@@ -661,6 +741,23 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "synthetic" in args.parts:
         plan.update(synthetic_cells(doc, work, args.smoke))
+    if "epochs" in args.parts and not args.smoke:  # smoke: the fixed and dnis parts' code
+        epochs = (f"train.max_epochs={EPOCH_BUDGET}",)
+        e_fixed = fixed_cells(ml100k, work, False, EPOCH_DIMS, epochs, EPOCH_PREFIX)
+        e_dnis = {
+            f"{EPOCH_PREFIX}{dnis_name(0.5, seed)}": (
+                lambda seed=seed: dnis_cell(ml100k, work, seed, False, extra=epochs)
+            )
+            for seed in seeds
+        }
+        first = [
+            n
+            for n in e_fixed
+            if n.startswith((f"{EPOCH_PREFIX}fixed/d8/", f"{EPOCH_PREFIX}fixed/d16/"))
+        ]
+        plan.update({n: e_fixed[n] for n in first})
+        plan.update(e_dnis)  # before the rest of the curve: d=8 and d=16 are what it meets
+        plan.update({n: c for n, c in e_fixed.items() if n not in first})
     for name, run in plan.items():
         rerun = bool(args.rerun) and name.startswith(tuple(args.rerun))
         if name in doc["cells"] and not rerun:
