@@ -495,6 +495,52 @@ def paired(diffs: list[float]) -> dict[str, Any]:
     return {"per_seed": diffs, "mean": float(np.mean(diffs)), "se": se}
 
 
+def dnis_point(
+    cells: dict[str, Any],
+    by_seed: dict[int, dict[str, Any]],
+    target: float,
+    curve: list[list[float]],
+    d16: dict[str, Any],
+    prefix: str = "",
+    dims: tuple[int, ...] = FIXED_DIMS,
+) -> dict[str, Any]:
+    """One DNIS variant's seeds (`by_seed`) against the fixed-d `curve` (cells `<prefix>fixed/`
+    of widths `dims`) and d=16 (`d16`: its `d16_test_auc` and `d16_embedding_params`)."""
+    runs = list(by_seed.values())
+    auc = float(np.mean([c["test_auc"] for c in runs]))
+    params = float(np.mean([c["embedding_params"] for c in runs]))
+    curve_auc = interpolate(curve, params)
+    point: dict[str, Any] = {
+        "target_ratio": target,
+        "seeds": len(runs),
+        "test_auc": auc,
+        "embedding_params": params,
+        "fixed_curve_auc_at_same_params": curve_auc,
+        "above_fixed_curve": curve_auc is not None and auc > curve_auc,
+        "kept_widths": sorted({w for c in runs for w in c["kept_widths"]}),
+    }
+    # each seed against the same seed's fixed-d curve at its parameter count, and its d=16
+    seed_diffs, d16_diffs = [], []
+    for seed, c in by_seed.items():
+        seed_curve = seed_fixed_curve(cells, seed, prefix, dims)
+        if (at := interpolate(seed_curve, c["embedding_params"])) is not None:
+            seed_diffs.append(c["test_auc"] - at)
+        if (d16_cell := cells.get(f"{prefix}fixed/d16/seed{seed}")) is not None:
+            d16_diffs.append(c["test_auc"] - d16_cell["test_auc"])
+    if seed_diffs:
+        point["minus_fixed_curve_paired"] = paired(seed_diffs)
+    if d16_diffs:
+        point["minus_d16_paired"] = paired(d16_diffs)
+    before = [c["searched_model"] for c in runs if c.get("searched_model")]
+    if len(before) == len(runs):  # cells run before it was recorded lack it
+        for key in ("valid_auc", "test_auc"):
+            point[f"before_retrain_{key}"] = float(np.mean([b[key] for b in before]))
+    if "d16_embedding_params" in d16:
+        point["params_ratio_vs_d16"] = d16["d16_embedding_params"] / params
+        point["at_least_d16_auc"] = auc >= d16["d16_test_auc"]
+    return point
+
+
 def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     fixed = pareto_points(cells, "fixed", [f"d{d}" for d in FIXED_DIMS])
@@ -513,40 +559,10 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
             for seed in SEEDS
             if (n := dnis_name(target, seed, start, score, dim)) in cells
         }
-        runs = list(by_seed.values())
-        if not runs:
-            continue
-        # each seed against the same seed's fixed-d curve at its parameter count
-        seed_diffs = []
-        for seed, c in by_seed.items():
-            curve_auc = interpolate(seed_fixed_curve(cells, seed), c["embedding_params"])
-            if curve_auc is not None:
-                seed_diffs.append(c["test_auc"] - curve_auc)
-        auc = float(np.mean([c["test_auc"] for c in runs]))
-        params = float(np.mean([c["embedding_params"] for c in runs]))
-        curve_auc = interpolate(fixed, params)
-        point = {
-            "retrain_from": start,
-            "prune_score": score,
-            "searched_dim": dim,
-            "target_ratio": target,
-            "seeds": len(runs),
-            "test_auc": auc,
-            "embedding_params": params,
-            "fixed_curve_auc_at_same_params": curve_auc,
-            "above_fixed_curve": curve_auc is not None and auc > curve_auc,
-            "kept_widths": sorted({w for c in runs for w in c["kept_widths"]}),
-        }
-        if seed_diffs:
-            point["minus_fixed_curve_paired"] = paired(seed_diffs)
-        before = [c["searched_model"] for c in runs if c.get("searched_model")]
-        if len(before) == len(runs):  # cells run before it was recorded lack it
-            for key in ("valid_auc", "test_auc"):
-                point[f"before_retrain_{key}"] = float(np.mean([b[key] for b in before]))
-        if "d16_embedding_params" in summary:
-            point["params_ratio_vs_d16"] = summary["d16_embedding_params"] / params
-            point["at_least_d16_auc"] = auc >= summary["d16_test_auc"]
-        points.append(point)
+        if by_seed:
+            point = {"retrain_from": start, "prune_score": score, "searched_dim": dim}
+            point.update(dnis_point(cells, by_seed, target, fixed, summary))
+            points.append(point)
     if points:
         summary["dnis_points"] = points
         # the headline: the first point (in DNIS_POINTS order) above the curve and at least
@@ -624,35 +640,8 @@ def epoch_budget_summary(cells: dict[str, Any]) -> dict[str, Any]:
         out["d16_embedding_params"] = _mean(cells, f"{prefix}fixed/d16/", "embedding_params")
     runs = {s: cells[n] for s in SEEDS if (n := f"{prefix}dnis/seed{s}") in cells}
     if runs:
-        auc = float(np.mean([c["test_auc"] for c in runs.values()]))
-        params = float(np.mean([c["embedding_params"] for c in runs.values()]))
-        curve_auc = interpolate(curve, params)
-        point: dict[str, Any] = {
-            "retrain_from": "scratch",
-            "prune_score": "alpha",
-            "target_ratio": 0.5,
-            "seeds": len(runs),
-            "test_auc": auc,
-            "embedding_params": params,
-            "fixed_curve_auc_at_same_params": curve_auc,
-            "above_fixed_curve": curve_auc is not None and auc > curve_auc,
-            "kept_widths": sorted({w for c in runs.values() for w in c["kept_widths"]}),
-        }
-        diffs = []
-        for seed, c in runs.items():
-            seed_curve = seed_fixed_curve(cells, seed, prefix, EPOCH_DIMS)
-            if (at := interpolate(seed_curve, c["embedding_params"])) is not None:
-                diffs.append(c["test_auc"] - at)
-        if diffs:
-            point["minus_fixed_curve_paired"] = paired(diffs)
-        d16_runs = {s: cells[n] for s in runs if (n := f"{prefix}fixed/d16/seed{s}") in cells}
-        if d16_runs:
-            point["minus_d16_paired"] = paired(
-                [runs[s]["test_auc"] - d16_runs[s]["test_auc"] for s in d16_runs]
-            )
-        if d16 is not None:
-            point["params_ratio_vs_d16"] = out["d16_embedding_params"] / params
-            point["at_least_d16_auc"] = auc >= d16
+        point = {"retrain_from": "scratch", "prune_score": "alpha", "searched_dim": 16}
+        point.update(dnis_point(cells, runs, 0.5, curve, out, prefix, EPOCH_DIMS))
         out["dnis"] = point
     return out
 
