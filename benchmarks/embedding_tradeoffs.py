@@ -12,8 +12,9 @@ Parts (all AutoInt, trained by the project's own trainer, 2 Ray workers):
             table parameters, and from scratch at 1/2, 1/4 and 3/8, pruned by α; also pruned
             by magnitude (mean |α e| per block and dim, the authors' notebooks) at 1/2; and
             searched over d=32, pruned to d=8's parameter count and retrained from the search;
-            each cell also records the pruned searched model's valid and test AUC before the
-            retrain
+            and a fine-tune of the searched weights at 1/2 at a tenth of the learning rates
+            (dnis/finetune/...); each cell also records the pruned searched model's valid and
+            test AUC before the retrain
   lowrank   AutoInt+ (DNN [400, 400]) trained, compressed by activation PCA to a 3x and a 4x
             smaller model (the same trained model) and fine-tuned; weight SVD at the same ranks
             and a small model trained from scratch at about the same size, 3 seeds
@@ -26,6 +27,9 @@ Parts (all AutoInt, trained by the project's own trainer, 2 Ray workers):
             scratch at 1/2 of d=16, both with train.max_epochs=20 instead of the config's 10
             (many 10-epoch cells pick their last epoch), 3 seeds, cells e20/...; reported
             beside the 10-epoch headline as `epoch_budget_20`, not in place of it
+  finetune  the control of the fine-tune point: the fixed d=8 and d=16 models (the fixed
+            part's, 3 seeds) trained again from their own weights at the same tenth of the
+            learning rates, cells finetune/fixed/...; reported as `finetune_control`
 
 Prints figures and writes benchmarks/results/embedding_tradeoffs.json: per-cell results
 (config, metrics, embedding parameters, the run's log), git sha, machine, date and a `summary`.
@@ -84,10 +88,16 @@ DNIS_POINTS = (
     # searched over d=32 (a wider space than the kept widths, as the paper's d=64), pruned to
     # d=8's parameter count
     ("searched", 0.25, "alpha", 32),
+    # a fine-tune of the searched weights (METHODS.md §7(b)6) at a tenth of the train section's
+    # learning rates: the retrain's fresh row-wise Adagrad at table_lr 0.05 moves every row by
+    # ~0.05 on its first steps, about the scale of the searched embeddings themselves
+    ("finetune", 0.5, "alpha", 16),
 )
+# the `finetune` start: retrain_from=searched with these train overrides
+FINETUNE = ("train.dense_lr=0.0001", "train.table_lr=0.005")
 # low-rank size targets (whole model, x smaller); cells lowrank/seed<N> (3x), lowrank/r<R>/seed<N>
 LOWRANK_RATIOS = (3.0, 4.0)
-PARTS = ("fixed", "dnis", "lowrank", "unified", "synthetic", "epochs")
+PARTS = ("fixed", "dnis", "lowrank", "unified", "synthetic", "epochs", "finetune")
 # unified / hashed budgets on ml100k-ctr, as fractions of the d=16 collisionless parameters
 ML100K_BUDGET_FRACTIONS = (0.25, 0.5)
 SYNTHETIC_ROWS = 1_000_000
@@ -194,6 +204,50 @@ EPOCH_BUDGET = 20
 EPOCH_PREFIX = f"e{EPOCH_BUDGET}/"
 EPOCH_DIMS = (2, 4, 8, 16, 32)
 EPOCH_FIRST_DIMS = (8, 16)
+
+# The fine-tune control: DNIS's `finetune` point trains its pruned model once more at the
+# FINETUNE learning rates after the warm start and the search, so the fixed models it is held
+# against get the same second stage, from their own trained weights (cells
+# finetune/fixed/d<d>/seed<N>). d = 8 has the DNIS point's parameter count; d = 16 is the bar.
+FINETUNE_PREFIX = "finetune/"
+FINETUNE_DIMS = (8, 16)
+
+
+def finetune_cell(
+    ml100k: Path, work: Path, dim: int, seed: int, smoke: bool, doc: dict[str, Any]
+) -> dict[str, Any]:
+    """The saved fixed/d<dim>/seed<seed> model's weights trained again at the FINETUNE
+    learning rates (the same config, epoch budget and early stopping)."""
+    base = doc["cells"].get(f"fixed/d{dim}/seed{seed}")
+    weights = Path(base["result"]["artifact"]) / "model.safetensors" if base else None
+    if weights is None or not weights.is_file():
+        raise FileNotFoundError(
+            f"{FINETUNE_PREFIX}fixed/d{dim}/seed{seed} starts from the model of the saved cell "
+            f"fixed/d{dim}/seed{seed}, which is missing or whose artifact ({weights}) is gone; "
+            f"run it again first: --parts fixed finetune --rerun fixed/d{dim}/seed{seed}"
+        )
+    overrides = [
+        f"data.path={ml100k}",
+        f"embedding.dim={dim}",
+        f"train.seed={seed}",
+        SHARDED,
+        f"train.init_weights={weights}",
+        *FINETUNE,
+    ]
+    return train_cell(AUTOINT, overrides, work, f"finetune-fixed-d{dim}-seed{seed}", smoke)
+
+
+def finetune_cells(ml100k: Path, work: Path, smoke: bool, doc: dict[str, Any]) -> dict[str, Cell]:
+    """Cells `finetune/fixed/d<d>/seed<N>` (`finetune_cell`); planned after the fixed cells,
+    which they start from."""
+    dims = (16,) if smoke else FINETUNE_DIMS
+    return {
+        f"{FINETUNE_PREFIX}fixed/d{d}/seed{seed}": (
+            lambda d=d, seed=seed: finetune_cell(ml100k, work, d, seed, smoke, doc)
+        )
+        for d in dims
+        for seed in (SEEDS[:1] if smoke else SEEDS)
+    }
 
 
 AUTOINT_PLUS = ROOT / "configs" / "autoint_plus_ml100k.yaml"
@@ -330,14 +384,15 @@ def dnis_cell(
     extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """`recsys search-dims` (the search on Ray, pruning by `score`, the retrain by the trainer
-    from `start`: the searched weights or scratch), the config's settings plus `extra`."""
+    from `start`: the searched weights, scratch, or `finetune`: the searched weights at
+    the lower `FINETUNE` learning rates), the config's settings plus `extra`."""
     from training.search import run_search_dims
 
     overrides = [
         f"data.path={ml100k}",
         f"train.seed={seed}",
         f"search.target_ratio={target}",
-        f"search.retrain_from={start}",
+        f"search.retrain_from={'searched' if start == 'finetune' else start}",
         f"search.prune_score={score}",
         f"embedding.dim={dim}",
         SHARDED,
@@ -346,6 +401,7 @@ def dnis_cell(
         "output.model_name=dnis",
         f"output.run_name=dnis-{start}-{score}-d{dim}-r{target:g}-seed{seed}-{int(time.time())}",
         "output.verify_serving=false",
+        *(FINETUNE if start == "finetune" else ()),
         *extra,
     ]
     if smoke:
@@ -619,7 +675,28 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
         )
     if epochs := epoch_budget_summary(cells):
         summary[f"epoch_budget_{EPOCH_BUDGET}"] = epochs
+    if control := finetune_summary(cells):
+        summary["finetune_control"] = control
     return summary
+
+
+def finetune_summary(cells: dict[str, Any]) -> dict[str, Any]:
+    """DNIS's `finetune` point against the fixed models given the same second, low-rate
+    stage (cells finetune/fixed/...): does it beat them, or only the once-trained ones?"""
+    prefix = FINETUNE_PREFIX
+    if not any(name.startswith(prefix) for name in cells):
+        return {}
+    curve = pareto_points(cells, f"{prefix}fixed", [f"d{d}" for d in FINETUNE_DIMS])
+    out: dict[str, Any] = {"overrides": list(FINETUNE), "fixed_d_ml100k_curve": curve}
+    if (d16 := _mean(cells, f"{prefix}fixed/d16/")) is not None:
+        out["d16_test_auc"] = d16
+        out["d16_embedding_params"] = _mean(cells, f"{prefix}fixed/d16/", "embedding_params")
+    runs = {s: cells[n] for s in SEEDS if (n := dnis_name(0.5, s, "finetune")) in cells}
+    if runs:
+        point = {"retrain_from": "finetune", "prune_score": "alpha", "searched_dim": 16}
+        point.update(dnis_point(cells, runs, 0.5, curve, out, prefix, FINETUNE_DIMS))
+        out["dnis"] = point
+    return out
 
 
 def epoch_budget_summary(cells: dict[str, Any]) -> dict[str, Any]:
@@ -740,6 +817,8 @@ def main(argv: list[str] | None = None) -> int:
                 ml100k, work, seed, False, extra=epochs
             )
         plan.update(fixed_cells(ml100k, work, False, rest, epochs, EPOCH_PREFIX))
+    if "finetune" in args.parts:  # after "fixed": it starts from those cells' models
+        plan.update(finetune_cells(ml100k, work, args.smoke, doc))
     for name, run in plan.items():
         rerun = bool(args.rerun) and name.startswith(tuple(args.rerun))
         if name in doc["cells"] and not rerun:
