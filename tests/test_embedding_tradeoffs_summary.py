@@ -1,0 +1,109 @@
+"""The arithmetic behind benchmarks/embedding_tradeoffs.py's claims: the fixed-d curve read at a
+parameter count, paired per-seed differences, which DNIS point is the headline, and the
+fine-tune control compared with its own fine-tuned fixed models (not the once-trained ones).
+
+The cells here are hand-made (no training): each test plants AUCs whose answer is known.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import embedding_tradeoffs as et  # benchmarks/ is a script folder, not a package
+
+D8, D16 = 25_344, 50_688
+
+
+def _fixed(cells: dict[str, Any], aucs: dict[int, list[float]], prefix: str = "") -> None:
+    for dim, per_seed in aucs.items():
+        for seed, auc in enumerate(per_seed):
+            cells[f"{prefix}fixed/d{dim}/seed{seed}"] = {
+                "test_auc": auc,
+                "embedding_params": 3_168 * dim,  # ml100k-ctr's rows over all fields
+            }
+
+
+def _dnis(cells: dict[str, Any], start: str, aucs: list[float], target: float = 0.5) -> None:
+    for seed, auc in enumerate(aucs):
+        cells[et.dnis_name(target, seed, start)] = {
+            "test_auc": auc,
+            "embedding_params": int(target * D16),
+            "kept_widths": [4, 8, 16],
+        }
+
+
+def test_the_curve_is_read_linearly_in_log_parameters_and_not_outside_it() -> None:
+    curve = [[1_000.0, 0.70], [4_000.0, 0.74]]
+    assert et.interpolate(curve, 2_000.0) == pytest.approx(0.72)  # halfway in log(params)
+    assert et.interpolate(curve, 1_000.0) == pytest.approx(0.70)
+    assert et.interpolate(curve, 999.0) is None
+    assert et.interpolate(curve, 4_001.0) is None
+    assert et.interpolate(curve[:1], 1_000.0) is None
+
+
+def test_paired_differences_have_the_sample_standard_error() -> None:
+    diffs = [0.003, -0.001, 0.0025, 0.0]
+    got = et.paired(diffs)
+    assert got["mean"] == pytest.approx(np.mean(diffs))
+    assert got["se"] == pytest.approx(np.std(diffs, ddof=1) / math.sqrt(len(diffs)))
+    assert et.paired([0.002])["se"] is None
+
+
+def test_a_dnis_point_is_held_against_each_seeds_own_curve_and_d16() -> None:
+    cells: dict[str, Any] = {}
+    _fixed(cells, {8: [0.770, 0.780, 0.790], 16: [0.772, 0.784, 0.794]})
+    _dnis(cells, "scratch", [0.771, 0.783, 0.789])
+    summary = et.summarise(cells, {})
+    point = summary["dnis_points"][0]
+    assert point["embedding_params"] == D8
+    # at d=8's count the curve is d=8's mean; the DNIS mean (0.781) is 0.001 above it
+    assert point["fixed_curve_auc_at_same_params"] == pytest.approx(0.780)
+    assert point["above_fixed_curve"]
+    assert point["minus_fixed_curve_paired"]["per_seed"] == pytest.approx([0.001, 0.003, -0.001])
+    assert point["minus_d16_paired"]["per_seed"] == pytest.approx([-0.001, -0.001, -0.005])
+    assert point["params_ratio_vs_d16"] == pytest.approx(2.0)
+    assert not point["at_least_d16_auc"]
+    assert summary["dnis_test_auc"] == pytest.approx(0.781)
+
+
+def test_the_headline_is_the_first_point_that_meets_the_bar_else_the_first_point() -> None:
+    cells: dict[str, Any] = {}
+    _fixed(cells, {8: [0.780] * 3, 16: [0.785] * 3})
+    _dnis(cells, "searched", [0.779] * 3)  # DNIS_POINTS' first: below the curve
+    assert et.summarise(cells, {})["dnis_headline_retrain_from"] == "searched"
+    _dnis(cells, "finetune", [0.786] * 3)  # later in DNIS_POINTS, above the curve and d=16
+    summary = et.summarise(cells, {})
+    assert summary["dnis_headline_retrain_from"] == "finetune"
+    assert summary["dnis_test_auc"] == pytest.approx(0.786)
+    assert [p["retrain_from"] for p in summary["dnis_points"]] == ["searched", "finetune"]
+
+
+def test_the_finetune_control_compares_with_the_fine_tuned_fixed_models() -> None:
+    cells: dict[str, Any] = {}
+    _fixed(cells, {8: [0.778] * 3, 16: [0.780] * 3})
+    _fixed(cells, {8: [0.779] * 3, 16: [0.783] * 3}, et.FINETUNE_PREFIX)
+    _dnis(cells, "finetune", [0.781] * 3)
+    summary = et.summarise(cells, {})
+    head = summary["dnis_points"][0]
+    assert head["at_least_d16_auc"]  # above the once-trained d=16 (0.780) ...
+    control = summary["finetune_control"]
+    assert control["d16_test_auc"] == pytest.approx(0.783)
+    assert control["overrides"] == list(et.FINETUNE)
+    assert not control["dnis"]["at_least_d16_auc"]  # ... but not the fine-tuned one
+    assert control["dnis"]["minus_d16_paired"]["mean"] == pytest.approx(-0.002)
+    assert control["dnis"]["fixed_curve_auc_at_same_params"] == pytest.approx(0.779)
+    # the 10-epoch curve is not mixed with the fine-tuned cells
+    assert summary["d16_test_auc"] == pytest.approx(0.780)
+
+
+def test_no_finetune_cells_no_control_section() -> None:
+    cells: dict[str, Any] = {}
+    _fixed(cells, {8: [0.778], 16: [0.780]})
+    assert "finetune_control" not in et.summarise(cells, {})
