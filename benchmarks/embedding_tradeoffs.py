@@ -680,48 +680,53 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def finetune_summary(cells: dict[str, Any]) -> dict[str, Any]:
-    """DNIS's `finetune` point against the fixed models given the same second, low-rate
-    stage (cells finetune/fixed/...): does it beat them, or only the once-trained ones?"""
-    prefix = FINETUNE_PREFIX
+def side_curve_summary(
+    cells: dict[str, Any],
+    prefix: str,
+    dims: tuple[int, ...],
+    runs: dict[int, dict[str, Any]],
+    start: str,
+    head: dict[str, Any],
+) -> dict[str, Any]:
+    """A check beside the headline: the curve of the cells `<prefix>fixed/d<d>/...`, its d=16,
+    and the DNIS seeds `runs` (retrained from `start`, at 1/2 of d=16) against them; `head`'s
+    items come first. Empty when no cell has the prefix."""
     if not any(name.startswith(prefix) for name in cells):
         return {}
-    curve = pareto_points(cells, f"{prefix}fixed", [f"d{d}" for d in FINETUNE_DIMS])
-    out: dict[str, Any] = {"overrides": list(FINETUNE), "fixed_d_ml100k_curve": curve}
+    curve = pareto_points(cells, f"{prefix}fixed", [f"d{d}" for d in dims])
+    out: dict[str, Any] = {**head, "fixed_d_ml100k_curve": curve}
     if (d16 := _mean(cells, f"{prefix}fixed/d16/")) is not None:
         out["d16_test_auc"] = d16
         out["d16_embedding_params"] = _mean(cells, f"{prefix}fixed/d16/", "embedding_params")
-    runs = {s: cells[n] for s in SEEDS if (n := dnis_name(0.5, s, "finetune")) in cells}
     if runs:
-        point = {"retrain_from": "finetune", "prune_score": "alpha", "searched_dim": 16}
-        point.update(dnis_point(cells, runs, 0.5, curve, out, prefix, FINETUNE_DIMS))
+        point = {"retrain_from": start, "prune_score": "alpha", "searched_dim": 16}
+        point.update(dnis_point(cells, runs, 0.5, curve, out, prefix, dims))
         out["dnis"] = point
     return out
 
 
 def epoch_budget_summary(cells: dict[str, Any]) -> dict[str, Any]:
-    """The e20 curve, d=16 and the DNIS point against them, as the 10-epoch figures are."""
+    """The e20 curve, d=16 and the DNIS point against them, as the 10-epoch figures are, and
+    the epoch each e20 curve cell picked."""
     prefix = EPOCH_PREFIX
-    if not any(name.startswith(prefix) for name in cells):
-        return {}
-    curve = pareto_points(cells, f"{prefix}fixed", [f"d{d}" for d in EPOCH_DIMS])
-    out: dict[str, Any] = {"max_epochs": EPOCH_BUDGET, "fixed_d_ml100k_curve": curve}
+    head: dict[str, Any] = {"max_epochs": EPOCH_BUDGET}
     best_epochs = {
         name: c["result"]["best_epoch"]
         for name, c in cells.items()
         if name.startswith(f"{prefix}fixed/") and "best_epoch" in c.get("result", {})
     }
     if best_epochs:
-        out["fixed_cells_best_epoch"] = best_epochs
-    if (d16 := _mean(cells, f"{prefix}fixed/d16/")) is not None:
-        out["d16_test_auc"] = d16
-        out["d16_embedding_params"] = _mean(cells, f"{prefix}fixed/d16/", "embedding_params")
-    runs = {s: cells[n] for s in SEEDS if (n := f"{prefix}dnis/seed{s}") in cells}
-    if runs:
-        point = {"retrain_from": "scratch", "prune_score": "alpha", "searched_dim": 16}
-        point.update(dnis_point(cells, runs, 0.5, curve, out, prefix, EPOCH_DIMS))
-        out["dnis"] = point
-    return out
+        head["fixed_cells_best_epoch"] = best_epochs
+    runs = {s: cells[n] for s in SEEDS if (n := f"{prefix}{dnis_name(0.5, s)}") in cells}
+    return side_curve_summary(cells, prefix, EPOCH_DIMS, runs, "scratch", head)
+
+
+def finetune_summary(cells: dict[str, Any]) -> dict[str, Any]:
+    """DNIS's `finetune` point against the fixed models given the same second, low-rate
+    stage (cells finetune/fixed/...): does it beat them, or only the once-trained ones?"""
+    runs = {s: cells[n] for s in SEEDS if (n := dnis_name(0.5, s, "finetune")) in cells}
+    head = {"overrides": list(FINETUNE)}
+    return side_curve_summary(cells, FINETUNE_PREFIX, FINETUNE_DIMS, runs, "finetune", head)
 
 
 def reusable_training(doc: dict[str, Any], seed: int) -> dict[str, Any] | None:
