@@ -92,9 +92,24 @@ DNIS_POINTS = (
     # learning rates: the retrain's fresh row-wise Adagrad at table_lr 0.05 moves every row by
     # ~0.05 on its first steps, about the scale of the searched embeddings themselves
     ("finetune", 0.5, "alpha", 16),
+    # the same fine-tune with α fitted on half of the valid rows and the retrain selecting its
+    # epoch on the other half: α is fitted on valid, so a fine-tune that early-stops on the same
+    # rows sees a valid AUC that falls from α's optimistic fit while test still rises
+    ("finetune-heldout", 0.5, "alpha", 16),
 )
 # the `finetune` start: retrain_from=searched with these train overrides
 FINETUNE = ("train.dense_lr=0.0001", "train.table_lr=0.005")
+HELDOUT_SHARE = 0.5  # `finetune-heldout`: search.alpha_valid_share
+# what each DNIS start runs: search.retrain_from and the overrides it adds
+STARTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "searched": ("searched", ()),
+    "scratch": ("scratch", ()),
+    "finetune": ("searched", FINETUNE),
+    "finetune-heldout": (
+        "searched",
+        (*FINETUNE, f"search.alpha_valid_share={HELDOUT_SHARE}"),
+    ),
+}
 # low-rank size targets (whole model, x smaller); cells lowrank/seed<N> (3x), lowrank/r<R>/seed<N>
 LOWRANK_RATIOS = (3.0, 4.0)
 PARTS = ("fixed", "dnis", "lowrank", "unified", "synthetic", "epochs", "finetune")
@@ -384,15 +399,18 @@ def dnis_cell(
     extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """`recsys search-dims` (the search on Ray, pruning by `score`, the retrain by the trainer
-    from `start`: the searched weights, scratch, or `finetune`: the searched weights at
-    the lower `FINETUNE` learning rates), the config's settings plus `extra`."""
+    from `start`: the searched weights, scratch, `finetune`: the searched weights at the lower
+    `FINETUNE` learning rates, or `finetune-heldout`: that with α fitted on `HELDOUT_SHARE`
+    of the valid rows and the retrain selecting on the rest), the config's settings plus
+    `extra`."""
     from training.search import run_search_dims
 
+    retrain_from, start_overrides = STARTS[start]
     overrides = [
         f"data.path={ml100k}",
         f"train.seed={seed}",
         f"search.target_ratio={target}",
-        f"search.retrain_from={'searched' if start == 'finetune' else start}",
+        f"search.retrain_from={retrain_from}",
         f"search.prune_score={score}",
         f"embedding.dim={dim}",
         SHARDED,
@@ -401,7 +419,7 @@ def dnis_cell(
         "output.model_name=dnis",
         f"output.run_name=dnis-{start}-{score}-d{dim}-r{target:g}-seed{seed}-{int(time.time())}",
         "output.verify_serving=false",
-        *(FINETUNE if start == "finetune" else ()),
+        *start_overrides,
         *extra,
     ]
     if smoke:

@@ -122,6 +122,11 @@ class TrainConfig(_Strict):
             fresh init, with fresh optimizer state. `recsys search-dims` points its retrain at
             the searched model's folded weights this way. A resumed run restores its
             checkpoint instead.
+        valid_exclude_share: leave this share of the valid rows out of early stopping, the
+            choice of the exported epoch and the reported valid metrics (the rows of
+            `training.data.valid_part`, a fixed hash of the row number). `recsys search-dims`
+            sets it to its `search.alpha_valid_share` when that is below 1, so its retrain
+            selects on valid rows that α was not fitted on. 0 (the default) uses every row.
     """
 
     max_epochs: int = Field(10, ge=1)
@@ -140,6 +145,7 @@ class TrainConfig(_Strict):
     min_lr_scale: float = Field(1e-3, gt=0, le=1)
     select_metric: str = Field("auc", pattern=r"^[a-z_]*auc$")
     init_weights: str | None = None
+    valid_exclude_share: float = Field(0.0, ge=0, lt=1)
 
 
 class RayConfig(_Strict):

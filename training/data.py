@@ -32,6 +32,49 @@ ROW_COLUMN = "__row__"
 GROUP_COLUMN = "__group__"  # the raw user id of valid/test rows, for GAUC
 
 
+# A fixed 64-bit multiplicative hash (Knuth's golden-ratio constant) of a valid row's number,
+# so a share of the valid rows can be set apart reproducibly in every process without a stored
+# list; numpy's uint64 product wraps modulo 2**64, which is the hash.
+_ROW_HASH = np.uint64(0x9E3779B97F4A7C15)
+
+
+def valid_part(rows: np.ndarray, share: float) -> np.ndarray:
+    """Which valid rows (by their `__row__` number) fall in the first `share` of them.
+
+    A fixed hash of the row number, uniform in [0, 1), is compared with `share`: the same rows
+    for the same share in every process and run, and a larger share holds every row of a
+    smaller one. `recsys search-dims` fits α on this part (`search.alpha_valid_share`) and the
+    retrain selects its epoch on the rest (`train.valid_exclude_share`).
+
+    Example:
+        >>> part = valid_part(np.arange(100_000), 0.5)
+        >>> round(float(part.mean()), 2)
+        0.5
+    """
+    hashed = np.asarray(rows, dtype=np.uint64) * _ROW_HASH
+    return (hashed >> np.uint64(11)).astype(np.float64) / float(1 << 53) < share
+
+
+def without_valid_part(tables: Iterable[pa.Table], share: float) -> Iterator[pa.Table]:
+    """The rows of encoded valid tables outside `valid_part(share)` (all of them for 0)."""
+    for table in tables:
+        if share > 0:
+            rows = table.column(ROW_COLUMN).to_numpy()
+            table = table.filter(pa.array(~valid_part(rows, share)))
+        if table.num_rows:
+            yield table
+
+
+def only_valid_part(tables: Iterable[pa.Table], share: float) -> Iterator[pa.Table]:
+    """The rows of encoded valid tables inside `valid_part(share)` (all of them for 1)."""
+    for table in tables:
+        if share < 1:
+            rows = table.column(ROW_COLUMN).to_numpy()
+            table = table.filter(pa.array(valid_part(rows, share)))
+        if table.num_rows:
+            yield table
+
+
 @dataclass(frozen=True)
 class SplitFiles:
     """The raw Parquet files of one dataset, per split, with its DatasetSchema."""

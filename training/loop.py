@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 
 from recsys.artifact import load_artifact, score_table, write_artifact
 from recsys.embeddings import build_embedding
-from recsys.errors import ConfigError
+from recsys.errors import ConfigError, DataError
 from recsys.features.batch import batch_from_encoded, features_from_encoded
 from recsys.features.schema import DOMAIN_COLUMN, FeatureSchema
 from recsys.metrics import auc_by_group, binary_metrics, gauc
@@ -57,6 +57,8 @@ from training.data import (
     iter_tables,
     rebatch,
     split_files,
+    valid_part,
+    without_valid_part,
 )
 from training.early_stopping import EarlyStopping
 from training.sharding import gather_full_state, load_full_state, shard_model
@@ -138,7 +140,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     valid_files = split_files(Path(paths.encoded_dir), "valid")
-    valid_rows = count_rows(valid_files)
+    exclude = cfg.train.valid_exclude_share
+    selected_rows = _selection_rows(valid_files, exclude)
     while not progress.stopped and progress.epoch < cfg.train.max_epochs:
         epoch, epoch_start = progress.epoch + 1, time.perf_counter()
         rows, train_s = _train_epoch(dmp, model, optimizer, schema, cfg, epoch, progress, rank)
@@ -147,13 +150,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model,
             schema,
             rebatch(
-                iter_tables(valid_files, batch_rows=cfg.train.eval_batch_size),
+                without_valid_part(
+                    iter_tables(valid_files, batch_rows=cfg.train.eval_batch_size), exclude
+                ),
                 cfg.train.eval_batch_size,
             ),
-            valid_rows,
+            len(selected_rows),
             cfg.train.eval_batch_size,
             rank,
             world,
+            expected_rows=selected_rows,
         )
         improved = progress.stopper.update(_selected(result.metrics, cfg), epoch)
         if not improved:
@@ -292,6 +298,23 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+def _selection_rows(valid_files: list[Path], exclude_share: float) -> np.ndarray:
+    """The `__row__` numbers (sorted) of the valid rows that early stopping scores: all of
+    them, or those outside `valid_part(exclude_share)`. Reads only the row-number column."""
+    if exclude_share <= 0:
+        return np.arange(count_rows(valid_files))
+    rows = np.concatenate(
+        [pq.read_table(f, columns=[ROW_COLUMN]).column(0).to_numpy() for f in valid_files]
+    )
+    kept = np.sort(rows[~valid_part(rows, exclude_share)])
+    if not len(kept):
+        raise DataError(
+            f"train.valid_exclude_share={exclude_share} leaves no valid rows for early "
+            f"stopping; lower it"
+        )
+    return kept
+
+
 @torch.no_grad()
 def evaluate_distributed(
     dmp: torch.nn.Module,
@@ -302,11 +325,13 @@ def evaluate_distributed(
     batch_size: int,
     rank: int,
     world: int,
+    expected_rows: np.ndarray | None = None,
 ) -> EvalResult:
     """Scores every row of a split exactly once across ranks and gathers the predictions.
 
     `batches` streams the encoded split in row order, `batch_size` rows each (the last may be
-    shorter), with a `__row__` column numbering its `num_rows` rows from 0. Every rank reads the
+    shorter), with a `__row__` column numbering its `num_rows` rows from 0 (or, for a subset of
+    the split, holding `expected_rows`, sorted, `num_rows` of them). Every rank reads the
     stream and scores batch i when i % world == rank, so memory is bounded by a batch plus the
     gathered predictions. Ranks with fewer batches repeat one and drop its output, because the
     sharded tables need every rank in every forward pass; every forward pass has exactly
@@ -347,7 +372,8 @@ def evaluate_distributed(
     order = np.argsort(all_rows, kind="stable")
     all_probs = {t: np.concatenate([g[1][t] for g in gathered])[order] for t in probs}
     sorted_rows = all_rows[order]
-    if not np.array_equal(sorted_rows, np.arange(num_rows)):
+    expected = np.arange(num_rows) if expected_rows is None else expected_rows
+    if not np.array_equal(sorted_rows, expected):
         raise RuntimeError("evaluation: gathered rows do not cover the split exactly once")
     labels = table_of([part for g in gathered for part in g[2]]).take(pa.array(order))
     return EvalResult(split_metrics(schema, labels, all_probs), sorted_rows, all_probs)
@@ -495,10 +521,12 @@ def _finish_on_rank0(
     )
 
     # Parity: rescore the first valid rows from the artifact as written to disk, through the
-    # raw-rows path, and compare with what the sharded model predicted at the best epoch.
+    # raw-rows path, and compare with what the sharded model predicted at the best epoch (the
+    # rows are numbered by position; with train.valid_exclude_share they skip some positions).
     loaded = load_artifact(artifact_dir)
     n = len(best_valid.rows)
-    head = next(rebatch(iter_tables(split_files(raw_root, "valid"), batch_rows=n), n))
+    span = max(best_valid.rows) + 1
+    head = next(rebatch(iter_tables(split_files(raw_root, "valid"), batch_rows=span), span))
     sample = head.take(pa.array(best_valid.rows))
     rescored = score_table(loaded.model, loaded.schema, sample)
     max_diff = max(

@@ -47,7 +47,13 @@ from recsys.search.dnis import (
 )
 from training.cli import USER_ERRORS, _run, config_from_args, experiment_parser
 from training.config import ExperimentConfig
-from training.data import iter_tables, rebatch, split_files
+from training.data import (
+    iter_tables,
+    only_valid_part,
+    rebatch,
+    split_files,
+    without_valid_part,
+)
 from training.loop import RunPaths
 
 logger = logging.getLogger(__name__)
@@ -189,6 +195,8 @@ def retrain_config(cfg: ExperimentConfig, spec: MixedDimSpec, run_dir: Path) -> 
             **raw["train"],
             "init_weights": str(run_dir / SEARCH_DIR / INIT_WEIGHTS),
         }
+    if cfg.search.alpha_valid_share < 1:  # select on the valid rows the search never read
+        raw["train"] = {**raw["train"], "valid_exclude_share": cfg.search.alpha_valid_share}
     raw["output"] = {**raw["output"], "run_root": str(run_dir), "run_name": RETRAIN_RUN}
     return ExperimentConfig.model_validate(raw)
 
@@ -302,12 +310,16 @@ def _searched_model_metrics(
 ) -> dict[str, float]:
     """Valid and test AUC/logloss of the searched model pruned to the spec, α folded in, before
     any retraining: what the retrain adds. Test is read for this report only; no decision of
-    the search or the retrain looks at it. The valid figures are optimistic: α was fitted on
-    valid batches (METHODS.md §7(b)4), so only the test figure compares with trained models."""
+    the search or the retrain looks at it. Valid is scored on the rows the retrain selects on:
+    with `search.alpha_valid_share` 1 those are the rows α was fitted on (METHODS.md §7(b)4),
+    so the valid figures are optimistic; below 1 they are rows the search never read."""
+    exclude = cfg.search.alpha_valid_share if cfg.search.alpha_valid_share < 1 else 0.0
 
     def split(name: str) -> Iterator[Batch]:
-        files = split_files(encoded_dir, name)
-        for table in rebatch(iter_tables(files), cfg.train.eval_batch_size):
+        tables = iter_tables(split_files(encoded_dir, name))
+        if name == "valid":
+            tables = without_valid_part(tables, exclude)
+        for table in rebatch(tables, cfg.train.eval_batch_size):
             yield batch_from_encoded(schema, table)
 
     metrics: dict[str, float] = {}
@@ -321,14 +333,19 @@ def _searched_model_metrics(
 def _search_data(schema: FeatureSchema, encoded_dir: Path, cfg: ExperimentConfig) -> SearchData:
     """Batches streamed from the run folder's encoded shards: train in a new shard order and
     row order every epoch, valid endlessly (reshuffled every pass) for the α steps, and valid in
-    order for the AUC. Memory stays at a few shards, whatever the split sizes."""
+    order for the AUC; valid is the `search.alpha_valid_share` part of its rows. Memory stays
+    at a few shards, whatever the split sizes."""
     train_files = split_files(encoded_dir, "train")
     valid_files = split_files(encoded_dir, "valid")
     size, seed = cfg.search.batch_size, cfg.train.seed
+    share = cfg.search.alpha_valid_share
 
-    def shuffled_pass(files: list[Path], rng: np.random.Generator) -> Iterator[pa.Table]:
+    def shuffled_pass(
+        files: list[Path], rng: np.random.Generator, part: float = 1.0
+    ) -> Iterator[pa.Table]:
         for index in rng.permutation(len(files)):
-            yield _shuffled(pq.read_table(files[index]), rng)
+            for table in only_valid_part([pq.read_table(files[index])], part):
+                yield _shuffled(table, rng)
 
     def train_epoch(epoch: int) -> Iterator[Batch]:
         rng = np.random.default_rng([seed, epoch])
@@ -338,11 +355,12 @@ def _search_data(schema: FeatureSchema, encoded_dir: Path, cfg: ExperimentConfig
     def valid_stream() -> Iterator[Batch]:
         for cycle in itertools.count():
             rng = np.random.default_rng([seed, 1_000_000 + cycle])
-            for table in rebatch(shuffled_pass(valid_files, rng), size):
+            for table in rebatch(shuffled_pass(valid_files, rng, share), size):
                 yield batch_from_encoded(schema, table)
 
     def valid_eval() -> Iterator[Batch]:
-        for table in rebatch(iter_tables(valid_files), cfg.train.eval_batch_size):
+        tables = only_valid_part(iter_tables(valid_files), share)
+        for table in rebatch(tables, cfg.train.eval_batch_size):
             yield batch_from_encoded(schema, table)
 
     return SearchData(train_epoch=train_epoch, valid_stream=valid_stream(), valid_eval=valid_eval)

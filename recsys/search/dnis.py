@@ -80,6 +80,13 @@ class DNISConfig(BaseModel):
             into the table, retrain/fine-tune"): `searched`, the searched model's weights with
             α folded into the kept columns (`folded_state`), or `scratch`, a fresh init. Either
             way the retrain runs the `train:` section (epochs, early stopping, seed) unchanged.
+        alpha_valid_share: the share of the valid rows the search reads (for the α steps,
+            the warm start's early stopping and the pruning sweep; a fixed hash of the row
+            number picks them). Below 1 the retrain selects its epoch on the other rows
+            (`train.valid_exclude_share`): α is fitted on valid, so a retrain that starts from
+            the searched weights and early-stops on the same rows sees an optimistic valid AUC
+            that falls as training moves away from α's fit. 1 (the default, the paper's
+            setup) gives every valid row to both.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -101,6 +108,7 @@ class DNISConfig(BaseModel):
     width_multiple: int = Field(4, ge=1)
     sweep_ratios: tuple[float, ...] = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
     retrain_from: Literal["searched", "scratch"] = "searched"
+    alpha_valid_share: float = Field(1.0, gt=0, le=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> DNISConfig:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -34,6 +35,7 @@ TINY = [
     "train.max_epochs=1",
     "output.verify_serving=false",
 ]
+SHARE = 0.5  # search.alpha_valid_share of the module's search: α on half of valid
 
 
 def _search_dims(
@@ -62,7 +64,7 @@ def _search_dims(
 @pytest.fixture(scope="module")
 def searched(ml100k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("search-dims")
-    done = _search_dims(work, ml100k_dir, *TINY)
+    done = _search_dims(work, ml100k_dir, *TINY, f"search.alpha_valid_share={SHARE}")
     assert done.returncode == 0, done.stderr[-4000:]
     run = work / "runs" / "dnis"
     return {
@@ -127,11 +129,28 @@ def test_retrain_exports_a_loadable_mixed_dim_artifact(searched: dict[str, Any])
     assert "embedding params:" in searched["stdout"] and "retrained:" in searched["stdout"]
 
 
+def _valid_halves(data: Path, folder: Path) -> tuple[list[Path], list[Path]]:
+    """The raw valid rows split as the search split them (by position, the `__row__` number):
+    the α part, and the rest, each as one Parquet file."""
+    import pyarrow.parquet as pq
+
+    from training.data import split_files, valid_part
+
+    table = pq.read_table(split_files(data, "valid")[0])
+    part = valid_part(np.arange(table.num_rows), SHARE)
+    folder.mkdir(exist_ok=True)
+    pq.write_table(table.filter(part), folder / "alpha.parquet")
+    pq.write_table(table.filter(~part), folder / "select.parquet")
+    return [folder / "alpha.parquet"], [folder / "select.parquet"]
+
+
 @pytest.mark.slow
 def test_retrain_starts_from_the_searched_weights_alpha_folded(searched: dict[str, Any]) -> None:
     """METHODS.md §7(b)6: init.safetensors is the searched model pruned to the spec with α folded
-    into the tables; in the exported architecture it scores valid exactly as the pruning sweep
-    scored the searched model at that budget, and the retrain was pointed at it."""
+    into the tables; in the exported architecture it scores the search's valid rows exactly as
+    the pruning sweep scored the searched model at that budget, and the retrain was pointed at
+    it. The search read only its `alpha_valid_share` of the valid rows; the summary's valid
+    figures for the searched model are on the other rows, where the retrain selects."""
     from recsys.compression.lowrank import evaluate
     from training.data import split_files
 
@@ -144,12 +163,16 @@ def test_retrain_starts_from_the_searched_weights_alpha_folded(searched: dict[st
     model = artifact.model
     model.load_state_dict(load_file(str(init)))
     swept = {p["ratio"]: p["valid_auc"] for p in summary["curve"]}
-    metrics = evaluate(model, artifact.schema, split_files(searched["data"], "valid"))
+    alpha_rows, select_rows = _valid_halves(searched["data"], searched["work"] / "halves")
+    metrics = evaluate(model, artifact.schema, alpha_rows)
     assert metrics["auc"] == pytest.approx(swept[0.4], abs=1e-6)
+    whole = evaluate(model, artifact.schema, split_files(searched["data"], "valid"))
+    assert whole["auc"] != pytest.approx(swept[0.4], abs=1e-4)  # the sweep read half of valid
     # the summary reports that model before retraining, on valid and on test
     test = evaluate(model, artifact.schema, split_files(searched["data"], "test"))
     before = summary["searched_model"]
-    assert before["valid_auc"] == pytest.approx(metrics["auc"], abs=1e-6)
+    selected = evaluate(model, artifact.schema, select_rows)
+    assert before["valid_auc"] == pytest.approx(selected["auc"], abs=1e-6)
     assert before["test_auc"] == pytest.approx(test["auc"], abs=1e-6)
     assert before["test_logloss"] == pytest.approx(test["logloss"], rel=1e-5)
     assert before["test_auc"] != pytest.approx(before["valid_auc"], abs=1e-9)  # two splits
@@ -157,10 +180,34 @@ def test_retrain_starts_from_the_searched_weights_alpha_folded(searched: dict[st
 
 
 @pytest.mark.slow
+def test_retrain_selects_on_the_valid_rows_the_search_did_not_read(
+    searched: dict[str, Any],
+) -> None:
+    """With `search.alpha_valid_share` below 1 the retrain runs with
+    `train.valid_exclude_share` at that share: its best epoch's valid metrics are those of the
+    exported model on the rows outside the search's part, not on the whole split."""
+    from recsys.compression.lowrank import evaluate
+    from training.data import split_files
+
+    retrain_config = json.loads((searched["run"] / "retrain" / "config.json").read_text())
+    assert retrain_config["train"]["valid_exclude_share"] == SHARE
+    artifact = load_artifact(searched["summary"]["artifact"])
+    _, select_rows = _valid_halves(searched["data"], searched["work"] / "halves")
+    selected = evaluate(artifact.model, artifact.schema, select_rows)
+    whole = evaluate(artifact.model, artifact.schema, split_files(searched["data"], "valid"))
+    retrain = searched["summary"]["retrain"]
+    assert retrain["valid_auc"] == pytest.approx(selected["auc"], abs=1e-5)
+    assert retrain["valid_logloss"] == pytest.approx(selected["logloss"], rel=1e-4)
+    assert retrain["valid_auc"] != pytest.approx(whole["auc"], abs=1e-4)
+
+
+@pytest.mark.slow
 def test_rerun_reuses_the_search_and_the_retrain(searched: dict[str, Any]) -> None:
     search = searched["run"] / "search"
     written = {p.name: p.stat().st_mtime_ns for p in search.iterdir()}
-    again = _search_dims(searched["work"], searched["data"], *TINY)
+    again = _search_dims(
+        searched["work"], searched["data"], *TINY, f"search.alpha_valid_share={SHARE}"
+    )
     assert again.returncode == 0, again.stderr[-4000:]
     assert {p.name: p.stat().st_mtime_ns for p in search.iterdir()} == written  # not searched
     summary = json.loads((searched["run"] / "search_dims.json").read_text())
