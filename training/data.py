@@ -55,22 +55,13 @@ def valid_part(rows: np.ndarray, share: float) -> np.ndarray:
     return (hashed >> np.uint64(11)).astype(np.float64) / float(1 << 53) < share
 
 
-def without_valid_part(tables: Iterable[pa.Table], share: float) -> Iterator[pa.Table]:
-    """The rows of encoded valid tables outside `valid_part(share)` (all of them for 0)."""
+def filter_valid_part(tables: Iterable[pa.Table], share: float, inside: bool) -> Iterator[pa.Table]:
+    """The rows of encoded valid tables inside `valid_part(share)`, or outside it; tables left
+    empty are dropped. Inside a share of 1 and outside a share of 0 is every row, unread."""
     for table in tables:
-        if share > 0:
-            rows = table.column(ROW_COLUMN).to_numpy()
-            table = table.filter(pa.array(~valid_part(rows, share)))
-        if table.num_rows:
-            yield table
-
-
-def only_valid_part(tables: Iterable[pa.Table], share: float) -> Iterator[pa.Table]:
-    """The rows of encoded valid tables inside `valid_part(share)` (all of them for 1)."""
-    for table in tables:
-        if share < 1:
-            rows = table.column(ROW_COLUMN).to_numpy()
-            table = table.filter(pa.array(valid_part(rows, share)))
+        if (share < 1) if inside else (share > 0):
+            part = valid_part(table.column(ROW_COLUMN).to_numpy(), share)
+            table = table.filter(pa.array(part if inside else ~part))
         if table.num_rows:
             yield table
 

@@ -54,11 +54,11 @@ from training.data import (
     GROUP_COLUMN,
     ROW_COLUMN,
     count_rows,
+    filter_valid_part,
     iter_tables,
     rebatch,
     split_files,
     valid_part,
-    without_valid_part,
 )
 from training.early_stopping import EarlyStopping
 from training.sharding import gather_full_state, load_full_state, shard_model
@@ -150,8 +150,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model,
             schema,
             rebatch(
-                without_valid_part(
-                    iter_tables(valid_files, batch_rows=cfg.train.eval_batch_size), exclude
+                filter_valid_part(
+                    iter_tables(valid_files, batch_rows=cfg.train.eval_batch_size),
+                    exclude,
+                    inside=False,
                 ),
                 cfg.train.eval_batch_size,
             ),

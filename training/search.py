@@ -48,11 +48,10 @@ from recsys.search.dnis import (
 from training.cli import USER_ERRORS, _run, config_from_args, experiment_parser
 from training.config import ExperimentConfig
 from training.data import (
+    filter_valid_part,
     iter_tables,
-    only_valid_part,
     rebatch,
     split_files,
-    without_valid_part,
 )
 from training.loop import RunPaths
 
@@ -318,7 +317,7 @@ def _searched_model_metrics(
     def split(name: str) -> Iterator[Batch]:
         tables = iter_tables(split_files(encoded_dir, name))
         if name == "valid":
-            tables = without_valid_part(tables, exclude)
+            tables = filter_valid_part(tables, exclude, inside=False)
         for table in rebatch(tables, cfg.train.eval_batch_size):
             yield batch_from_encoded(schema, table)
 
@@ -344,7 +343,7 @@ def _search_data(schema: FeatureSchema, encoded_dir: Path, cfg: ExperimentConfig
         files: list[Path], rng: np.random.Generator, part: float = 1.0
     ) -> Iterator[pa.Table]:
         for index in rng.permutation(len(files)):
-            for table in only_valid_part([pq.read_table(files[index])], part):
+            for table in filter_valid_part([pq.read_table(files[index])], part, inside=True):
                 yield _shuffled(table, rng)
 
     def train_epoch(epoch: int) -> Iterator[Batch]:
@@ -359,7 +358,7 @@ def _search_data(schema: FeatureSchema, encoded_dir: Path, cfg: ExperimentConfig
                 yield batch_from_encoded(schema, table)
 
     def valid_eval() -> Iterator[Batch]:
-        tables = only_valid_part(iter_tables(valid_files), share)
+        tables = filter_valid_part(iter_tables(valid_files), share, inside=True)
         for table in rebatch(tables, cfg.train.eval_batch_size):
             yield batch_from_encoded(schema, table)
 

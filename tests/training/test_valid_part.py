@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from training.config import TrainConfig
-from training.data import ROW_COLUMN, only_valid_part, valid_part, without_valid_part
+from training.data import ROW_COLUMN, filter_valid_part, valid_part
 
 
 @pytest.mark.parametrize("share", [0.1, 0.5, 0.8])
@@ -40,16 +40,18 @@ def test_only_and_without_split_the_rows_exactly() -> None:
         pa.table({ROW_COLUMN: np.arange(start, start + 1000), "x": np.ones(1000)})
         for start in range(0, 5000, 1000)
     ]
-    inside = np.concatenate([t.column(ROW_COLUMN).to_numpy() for t in only_valid_part(tables, 0.5)])
+    inside = np.concatenate(
+        [t.column(ROW_COLUMN).to_numpy() for t in filter_valid_part(tables, 0.5, inside=True)]
+    )
     outside = np.concatenate(
-        [t.column(ROW_COLUMN).to_numpy() for t in without_valid_part(tables, 0.5)]
+        [t.column(ROW_COLUMN).to_numpy() for t in filter_valid_part(tables, 0.5, inside=False)]
     )
     assert not np.intersect1d(inside, outside).size
     np.testing.assert_array_equal(np.sort(np.concatenate([inside, outside])), np.arange(5000))
     np.testing.assert_array_equal(inside, np.flatnonzero(valid_part(np.arange(5000), 0.5)))
     # the defaults leave every row where it was
-    assert sum(t.num_rows for t in without_valid_part(tables, 0.0)) == 5000
-    assert sum(t.num_rows for t in only_valid_part(tables, 1.0)) == 5000
+    assert sum(t.num_rows for t in filter_valid_part(tables, 0.0, inside=False)) == 5000
+    assert sum(t.num_rows for t in filter_valid_part(tables, 1.0, inside=True)) == 5000
 
 
 def test_exclude_share_must_leave_rows() -> None:
