@@ -58,7 +58,6 @@ from training.data import (
     iter_tables,
     rebatch,
     split_files,
-    valid_part,
 )
 from training.early_stopping import EarlyStopping
 from training.sharding import gather_full_state, load_full_state, shard_model
@@ -305,10 +304,11 @@ def _selection_rows(valid_files: list[Path], exclude_share: float) -> np.ndarray
     them, or those outside `valid_part(exclude_share)`. Reads only the row-number column."""
     if exclude_share <= 0:
         return np.arange(count_rows(valid_files))
-    rows = np.concatenate(
-        [pq.read_table(f, columns=[ROW_COLUMN]).column(0).to_numpy() for f in valid_files]
+    numbers = (pq.read_table(f, columns=[ROW_COLUMN]) for f in valid_files)
+    parts = filter_valid_part(numbers, exclude_share, inside=False)
+    kept = np.sort(
+        np.concatenate([np.zeros(0, np.int64), *(t.column(0).to_numpy() for t in parts)])
     )
-    kept = np.sort(rows[~valid_part(rows, exclude_share)])
     if not len(kept):
         raise DataError(
             f"train.valid_exclude_share={exclude_share} leaves no valid rows for early "

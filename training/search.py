@@ -270,7 +270,7 @@ def search_task(config: dict[str, Any], paths_raw: dict[str, Any]) -> dict[str, 
     state = folded_state(model, result.mask, pruned)
     save_file(state, str(search_dir / INIT_WEIGHTS))
     pruned.load_state_dict(state)
-    searched_model = _searched_model_metrics(pruned, schema, Path(paths.encoded_dir), cfg)
+    searched_model = _searched_model_metrics(pruned, schema, Path(paths.encoded_dir), pruned_cfg)
     return {
         "spec": result.spec.model_dump(mode="json"),
         "alpha": result.alpha.tolist(),
@@ -309,10 +309,11 @@ def _searched_model_metrics(
 ) -> dict[str, float]:
     """Valid and test AUC/logloss of the searched model pruned to the spec, α folded in, before
     any retraining: what the retrain adds. Test is read for this report only; no decision of
-    the search or the retrain looks at it. Valid is scored on the rows the retrain selects on:
-    with `search.alpha_valid_share` 1 those are the rows α was fitted on (METHODS.md §7(b)4),
-    so the valid figures are optimistic; below 1 they are rows the search never read."""
-    exclude = cfg.search.alpha_valid_share if cfg.search.alpha_valid_share < 1 else 0.0
+    the search or the retrain looks at it. `cfg` is the retrain's config (`retrain_config`):
+    valid is scored on the rows the retrain selects on. With `search.alpha_valid_share` 1 those
+    are the rows α was fitted on (METHODS.md §7(b)4), so the valid figures are optimistic;
+    below 1 they are rows the search never read."""
+    exclude = cfg.train.valid_exclude_share
 
     def split(name: str) -> Iterator[Batch]:
         tables = iter_tables(split_files(encoded_dir, name))
