@@ -30,6 +30,10 @@ Parts (all AutoInt, trained by the project's own trainer, 2 Ray workers):
   finetune  the control of the fine-tune point: the fixed d=8 and d=16 models (the fixed
             part's, 3 seeds) trained again from their own weights at the same tenth of the
             learning rates, cells finetune/fixed/...; reported as `finetune_control`
+  seeds     two more seeds (3, 4) of the fixed-d curve and of DNIS at 1/2 of d=16 retrained
+            from the searched weights, from scratch and fine-tuned: the three-seed comparison
+            with d=16 is inside its own noise (paired se ~0.001); reported as `five_seeds`
+            beside the three-seed headline, not in place of it
 
 Prints figures and writes benchmarks/results/embedding_tradeoffs.json: per-cell results
 (config, metrics, embedding parameters, the run's log), git sha, machine, date and a `summary`.
@@ -112,7 +116,7 @@ STARTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 # low-rank size targets (whole model, x smaller); cells lowrank/seed<N> (3x), lowrank/r<R>/seed<N>
 LOWRANK_RATIOS = (3.0, 4.0)
-PARTS = ("fixed", "dnis", "lowrank", "unified", "synthetic", "epochs", "finetune")
+PARTS = ("fixed", "dnis", "lowrank", "unified", "synthetic", "epochs", "finetune", "seeds")
 # unified / hashed budgets on ml100k-ctr, as fractions of the d=16 collisionless parameters
 ML100K_BUDGET_FRACTIONS = (0.25, 0.5)
 SYNTHETIC_ROWS = 1_000_000
@@ -186,11 +190,12 @@ def fixed_cells(
     dims: tuple[int, ...] = FIXED_DIMS,
     extra: tuple[str, ...] = (),
     prefix: str = "",
+    seeds: tuple[int, ...] = SEEDS,
 ) -> dict[str, Cell]:
     """Cells `<prefix>fixed/d<d>/seed<N>`: AutoInt at width d, the config's settings plus
     `extra` overrides."""
     dims = (16,) if smoke else dims  # smoke: the d16 keys; make test's time is short
-    seeds = SEEDS[:1] if smoke else SEEDS
+    seeds = seeds[:1] if smoke else seeds
     run_prefix = prefix.replace("/", "-")
     return {
         f"{prefix}fixed/d{d}/seed{seed}": (
@@ -226,6 +231,13 @@ EPOCH_FIRST_DIMS = (8, 16)
 # finetune/fixed/d<d>/seed<N>). d = 8 has the DNIS point's parameter count; d = 16 is the bar.
 FINETUNE_PREFIX = "finetune/"
 FINETUNE_DIMS = (8, 16)
+
+# The five-seed check: seeds 3 and 4 of the fixed-d curve and of these DNIS points (at 1/2 of
+# d=16, searched over d=16, pruned by α), named as the three-seed cells are (fixed/d16/seed3,
+# dnis/finetune/r0.5/seed4, ...). The headline stays the issue's three seeds (SEEDS).
+EXTRA_SEEDS = (3, 4)
+FIVE_SEEDS = (*SEEDS, *EXTRA_SEEDS)
+FIVE_SEED_STARTS = ("searched", "scratch", "finetune")
 
 
 def finetune_cell(
@@ -531,17 +543,26 @@ def synthetic_cells(doc: dict[str, Any], work: Path, smoke: bool) -> dict[str, C
 
 
 # --- summary ----------------------------------------------------------------------------------
-def _mean(cells: dict[str, Any], prefix: str, key: str = "test_auc") -> float | None:
-    values = [c[key] for name, c in cells.items() if name.startswith(prefix) and key in c]
+def _mean(
+    cells: dict[str, Any], prefix: str, key: str = "test_auc", seeds: tuple[int, ...] = SEEDS
+) -> float | None:
+    """Mean of `key` over the cells `<prefix>.../seed<N>` of the given seeds."""
+    values = [
+        c[key]
+        for name, c in cells.items()
+        if name.startswith(prefix) and key in c and name.endswith(tuple(f"/seed{s}" for s in seeds))
+    ]
     return float(np.mean(values)) if values else None
 
 
-def pareto_points(cells: dict[str, Any], prefix: str, labels: list[str]) -> list[list[float]]:
-    """[embedding params, mean test AUC over seeds] per label, sorted by parameters."""
+def pareto_points(
+    cells: dict[str, Any], prefix: str, labels: list[str], seeds: tuple[int, ...] = SEEDS
+) -> list[list[float]]:
+    """[embedding params, mean test AUC over `seeds`] per label, sorted by parameters."""
     points = []
     for label in labels:
-        auc = _mean(cells, f"{prefix}/{label}/")
-        params = _mean(cells, f"{prefix}/{label}/", "embedding_params")
+        auc = _mean(cells, f"{prefix}/{label}/", seeds=seeds)
+        params = _mean(cells, f"{prefix}/{label}/", "embedding_params", seeds)
         if auc is not None and params is not None:
             points.append([params, auc])
     return sorted(points)
@@ -695,6 +716,8 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
         summary[f"epoch_budget_{EPOCH_BUDGET}"] = epochs
     if control := finetune_summary(cells):
         summary["finetune_control"] = control
+    if five := five_seed_summary(cells):
+        summary["five_seeds"] = five
     return summary
 
 
@@ -745,6 +768,34 @@ def finetune_summary(cells: dict[str, Any]) -> dict[str, Any]:
     runs = {s: cells[n] for s in SEEDS if (n := dnis_name(0.5, s, "finetune")) in cells}
     head = {"overrides": list(FINETUNE)}
     return side_curve_summary(cells, FINETUNE_PREFIX, FINETUNE_DIMS, runs, "finetune", head)
+
+
+def five_seed_summary(cells: dict[str, Any]) -> dict[str, Any]:
+    """The fixed-d curve, d=16 and the FIVE_SEED_STARTS DNIS points over FIVE_SEEDS, as the
+    headline's three seeds are; empty until an extra seed's cell has run."""
+    extra = tuple(f"/seed{s}" for s in EXTRA_SEEDS)
+    if not any(name.endswith(extra) for name in cells):
+        return {}
+    curve = pareto_points(cells, "fixed", [f"d{d}" for d in FIXED_DIMS], FIVE_SEEDS)
+    out: dict[str, Any] = {
+        "seeds": list(FIVE_SEEDS),
+        "fixed_cells": {
+            f"d{d}": sum(f"fixed/d{d}/seed{s}" in cells for s in FIVE_SEEDS) for d in FIXED_DIMS
+        },
+        "fixed_d_ml100k_curve": curve,
+    }
+    if (d16 := _mean(cells, "fixed/d16/", seeds=FIVE_SEEDS)) is not None:
+        out["d16_test_auc"] = d16
+        out["d16_embedding_params"] = _mean(cells, "fixed/d16/", "embedding_params", FIVE_SEEDS)
+    points = []
+    for start in FIVE_SEED_STARTS:
+        runs = {s: cells[n] for s in FIVE_SEEDS if (n := dnis_name(0.5, s, start)) in cells}
+        if runs:
+            point = {"retrain_from": start, "prune_score": "alpha", "searched_dim": 16}
+            point.update(dnis_point(cells, runs, 0.5, curve, out))
+            points.append(point)
+    out["dnis_points"] = points
+    return out
 
 
 def reusable_training(doc: dict[str, Any], seed: int) -> dict[str, Any] | None:
@@ -842,6 +893,17 @@ def main(argv: list[str] | None = None) -> int:
         plan.update(fixed_cells(ml100k, work, False, rest, epochs, EPOCH_PREFIX))
     if "finetune" in args.parts:  # after "fixed": it starts from those cells' models
         plan.update(finetune_cells(ml100k, work, args.smoke, doc))
+    if "seeds" in args.parts and not args.smoke:  # smoke: the fixed and dnis parts' code
+        # d=8 and d=16 first (the DNIS points meet those two), then DNIS, then the rest
+        first = (8, 16)
+        rest = tuple(d for d in FIXED_DIMS if d not in first)
+        plan.update(fixed_cells(ml100k, work, False, first, seeds=EXTRA_SEEDS))
+        for start in FIVE_SEED_STARTS:
+            for seed in EXTRA_SEEDS:
+                plan[dnis_name(0.5, seed, start)] = lambda seed=seed, start=start: dnis_cell(
+                    ml100k, work, seed, False, start=start
+                )
+        plan.update(fixed_cells(ml100k, work, False, rest, seeds=EXTRA_SEEDS))
     for name, run in plan.items():
         rerun = bool(args.rerun) and name.startswith(tuple(args.rerun))
         if name in doc["cells"] and not rerun:

@@ -107,3 +107,30 @@ def test_no_finetune_cells_no_control_section() -> None:
     cells: dict[str, Any] = {}
     _fixed(cells, {8: [0.778], 16: [0.780]})
     assert "finetune_control" not in et.summarise(cells, {})
+
+
+def test_extra_seeds_feed_the_five_seed_section_and_leave_the_headline_at_three() -> None:
+    cells: dict[str, Any] = {}
+    _fixed(cells, {8: [0.780, 0.780, 0.780, 0.770, 0.770], 16: [0.790] * 3 + [0.775] * 2})
+    _dnis(cells, "finetune", [0.785] * 3 + [0.776] * 2)
+    summary = et.summarise(cells, {})
+    # the three-seed headline reads seeds 0-2 only
+    assert summary["d16_test_auc"] == pytest.approx(0.790)
+    assert summary["dnis_test_auc"] == pytest.approx(0.785)
+    assert summary["dnis_points"][0]["seeds"] == 3
+    five = summary["five_seeds"]
+    assert five["seeds"] == list(et.FIVE_SEEDS)
+    assert five["fixed_cells"]["d16"] == 5
+    assert five["d16_test_auc"] == pytest.approx((3 * 0.790 + 2 * 0.775) / 5)
+    point = five["dnis_points"][0]
+    assert point["retrain_from"] == "finetune"
+    assert point["seeds"] == 5
+    assert point["test_auc"] == pytest.approx((3 * 0.785 + 2 * 0.776) / 5)
+    assert point["minus_d16_paired"]["per_seed"] == pytest.approx([-0.005] * 3 + [0.001] * 2)
+    assert point["minus_fixed_curve_paired"]["per_seed"] == pytest.approx([0.005] * 3 + [0.006] * 2)
+
+
+def test_no_extra_seed_cells_no_five_seed_section() -> None:
+    cells: dict[str, Any] = {}
+    _fixed(cells, {8: [0.778] * 3, 16: [0.780] * 3})
+    assert "five_seeds" not in et.summarise(cells, {})
