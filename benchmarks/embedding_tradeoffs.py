@@ -30,10 +30,10 @@ Parts (all AutoInt, trained by the project's own trainer, 2 Ray workers):
   finetune  the control of the fine-tune point: the fixed d=8 and d=16 models (the fixed
             part's, 3 seeds) trained again from their own weights at the same tenth of the
             learning rates, cells finetune/fixed/...; reported as `finetune_control`
-  seeds     two more seeds (3, 4) of the fixed-d curve and of DNIS at 1/2 of d=16 retrained
-            from the searched weights, from scratch and fine-tuned: the three-seed comparison
-            with d=16 is inside its own noise (paired se ~0.001); reported as `five_seeds`
-            beside the three-seed headline, not in place of it
+  seeds     two more seeds (3, 4) of the fixed-d curve, of the fine-tune control and of DNIS
+            at 1/2 of d=16 retrained from the searched weights, from scratch and fine-tuned:
+            the three-seed comparison with d=16 is inside its own noise (paired se ~0.001);
+            reported as `five_seeds` beside the three-seed headline, not in place of it
 
 Prints figures and writes benchmarks/results/embedding_tradeoffs.json: per-cell results
 (config, metrics, embedding parameters, the run's log), git sha, machine, date and a `summary`.
@@ -264,7 +264,9 @@ def finetune_cell(
     return train_cell(AUTOINT, overrides, work, f"finetune-fixed-d{dim}-seed{seed}", smoke)
 
 
-def finetune_cells(ml100k: Path, work: Path, smoke: bool, doc: dict[str, Any]) -> dict[str, Cell]:
+def finetune_cells(
+    ml100k: Path, work: Path, smoke: bool, doc: dict[str, Any], seeds: tuple[int, ...] = SEEDS
+) -> dict[str, Cell]:
     """Cells `finetune/fixed/d<d>/seed<N>` (`finetune_cell`); planned after the fixed cells,
     which they start from."""
     dims = (16,) if smoke else FINETUNE_DIMS
@@ -273,7 +275,7 @@ def finetune_cells(ml100k: Path, work: Path, smoke: bool, doc: dict[str, Any]) -
             lambda d=d, seed=seed: finetune_cell(ml100k, work, d, seed, smoke, doc)
         )
         for d in dims
-        for seed in (SEEDS[:1] if smoke else SEEDS)
+        for seed in (seeds[:1] if smoke else seeds)
     }
 
 
@@ -728,17 +730,18 @@ def side_curve_summary(
     runs: dict[int, dict[str, Any]],
     start: str,
     head: dict[str, Any],
+    seeds: tuple[int, ...] = SEEDS,
 ) -> dict[str, Any]:
-    """A check beside the headline: the curve of the cells `<prefix>fixed/d<d>/...`, its d=16,
-    and the DNIS seeds `runs` (retrained from `start`, at 1/2 of d=16) against them; `head`'s
-    items come first. Empty when no cell has the prefix."""
+    """A check beside the headline: the curve of the cells `<prefix>fixed/d<d>/...` over
+    `seeds`, its d=16, and the DNIS seeds `runs` (retrained from `start`, at 1/2 of d=16)
+    against them; `head`'s items come first. Empty when no cell has the prefix."""
     if not any(name.startswith(prefix) for name in cells):
         return {}
-    curve = pareto_points(cells, f"{prefix}fixed", [f"d{d}" for d in dims])
+    curve = pareto_points(cells, f"{prefix}fixed", [f"d{d}" for d in dims], seeds)
     out: dict[str, Any] = {**head, "fixed_d_ml100k_curve": curve}
-    if (d16 := _mean(cells, f"{prefix}fixed/d16/")) is not None:
+    if (d16 := _mean(cells, f"{prefix}fixed/d16/", seeds=seeds)) is not None:
         out["d16_test_auc"] = d16
-        out["d16_embedding_params"] = _mean(cells, f"{prefix}fixed/d16/", "embedding_params")
+        out["d16_embedding_params"] = _mean(cells, f"{prefix}fixed/d16/", "embedding_params", seeds)
     if runs:
         point = {"retrain_from": start, "prune_score": "alpha", "searched_dim": 16}
         point.update(dnis_point(cells, runs, 0.5, curve, out, prefix, dims))
@@ -762,39 +765,38 @@ def epoch_budget_summary(cells: dict[str, Any]) -> dict[str, Any]:
     return side_curve_summary(cells, prefix, EPOCH_DIMS, runs, "scratch", head)
 
 
-def finetune_summary(cells: dict[str, Any]) -> dict[str, Any]:
+def finetune_summary(cells: dict[str, Any], seeds: tuple[int, ...] = SEEDS) -> dict[str, Any]:
     """DNIS's `finetune` point against the fixed models given the same second, low-rate
     stage (cells finetune/fixed/...): does it beat them, or only the once-trained ones?"""
-    runs = {s: cells[n] for s in SEEDS if (n := dnis_name(0.5, s, "finetune")) in cells}
+    runs = {s: cells[n] for s in seeds if (n := dnis_name(0.5, s, "finetune")) in cells}
     head = {"overrides": list(FINETUNE)}
-    return side_curve_summary(cells, FINETUNE_PREFIX, FINETUNE_DIMS, runs, "finetune", head)
+    return side_curve_summary(cells, FINETUNE_PREFIX, FINETUNE_DIMS, runs, "finetune", head, seeds)
 
 
 def five_seed_summary(cells: dict[str, Any]) -> dict[str, Any]:
-    """The fixed-d curve, d=16 and the FIVE_SEED_STARTS DNIS points over FIVE_SEEDS, as the
-    headline's three seeds are; empty until an extra seed's cell has run."""
+    """The fixed-d curve, d=16, the FIVE_SEED_STARTS DNIS points and the fine-tune control
+    over FIVE_SEEDS, as the headline's three seeds are; empty until an extra seed's cell has
+    run (the control: once an extra seed's fine-tuned fixed cell has)."""
     extra = tuple(f"/seed{s}" for s in EXTRA_SEEDS)
     if not any(name.endswith(extra) for name in cells):
         return {}
-    curve = pareto_points(cells, "fixed", [f"d{d}" for d in FIXED_DIMS], FIVE_SEEDS)
-    out: dict[str, Any] = {
+    head: dict[str, Any] = {
         "seeds": list(FIVE_SEEDS),
         "fixed_cells": {
             f"d{d}": sum(f"fixed/d{d}/seed{s}" in cells for s in FIVE_SEEDS) for d in FIXED_DIMS
         },
-        "fixed_d_ml100k_curve": curve,
     }
-    if (d16 := _mean(cells, "fixed/d16/", seeds=FIVE_SEEDS)) is not None:
-        out["d16_test_auc"] = d16
-        out["d16_embedding_params"] = _mean(cells, "fixed/d16/", "embedding_params", FIVE_SEEDS)
+    out = side_curve_summary(cells, "", FIXED_DIMS, {}, "", head, FIVE_SEEDS)
     points = []
     for start in FIVE_SEED_STARTS:
         runs = {s: cells[n] for s in FIVE_SEEDS if (n := dnis_name(0.5, s, start)) in cells}
         if runs:
             point = {"retrain_from": start, "prune_score": "alpha", "searched_dim": 16}
-            point.update(dnis_point(cells, runs, 0.5, curve, out))
+            point.update(dnis_point(cells, runs, 0.5, out["fixed_d_ml100k_curve"], out))
             points.append(point)
     out["dnis_points"] = points
+    if any(n.startswith(FINETUNE_PREFIX) and n.endswith(extra) for n in cells):
+        out["finetune_control"] = finetune_summary(cells, FIVE_SEEDS)
     return out
 
 
@@ -898,6 +900,7 @@ def main(argv: list[str] | None = None) -> int:
         first = (8, 16)
         rest = tuple(d for d in FIXED_DIMS if d not in first)
         plan.update(fixed_cells(ml100k, work, False, first, seeds=EXTRA_SEEDS))
+        plan.update(finetune_cells(ml100k, work, False, doc, EXTRA_SEEDS))  # the control
         for start in FIVE_SEED_STARTS:
             for seed in EXTRA_SEEDS:
                 plan[dnis_name(0.5, seed, start)] = lambda seed=seed, start=start: dnis_cell(

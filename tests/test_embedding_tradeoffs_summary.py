@@ -128,6 +128,16 @@ def test_extra_seeds_feed_the_five_seed_section_and_leave_the_headline_at_three(
     assert point["test_auc"] == pytest.approx((3 * 0.785 + 2 * 0.776) / 5)
     assert point["minus_d16_paired"]["per_seed"] == pytest.approx([-0.005] * 3 + [0.001] * 2)
     assert point["minus_fixed_curve_paired"]["per_seed"] == pytest.approx([0.005] * 3 + [0.006] * 2)
+    assert "finetune_control" not in five  # no extra seed's fine-tuned fixed cells yet
+    # the control over five seeds once its extra cells exist; the three-seed one stays at three
+    _fixed(cells, {8: [0.781] * 5, 16: [0.791] * 3 + [0.777] * 2}, et.FINETUNE_PREFIX)
+    summary = et.summarise(cells, {})
+    assert summary["finetune_control"]["d16_test_auc"] == pytest.approx(0.791)
+    control = summary["five_seeds"]["finetune_control"]
+    assert control["d16_test_auc"] == pytest.approx((3 * 0.791 + 2 * 0.777) / 5)
+    assert control["dnis"]["minus_d16_paired"]["per_seed"] == pytest.approx(
+        [-0.006] * 3 + [-0.001] * 2
+    )
 
 
 def test_no_extra_seed_cells_no_five_seed_section() -> None:
