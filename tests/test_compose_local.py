@@ -51,7 +51,7 @@ def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
     return subprocess.Popen(
         [str(executable) if executable.exists() else args[0], *args[1:]],
         env=env,
-        stdout=log.open("wb"),
+        stdout=log.open("ab"),  # a restarted service appends, as compose keeps its log
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
@@ -72,7 +72,9 @@ def _wait(condition: object, timeout_s: float, what: str, logs: list[Path]) -> N
         if condition():  # type: ignore[operator]
             return
         time.sleep(1.0)
-    tails = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in logs)
+    tails = "\n".join(
+        f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in logs if p.exists()
+    )
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{tails}")
 
 
@@ -123,8 +125,11 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obj
                 [
                     sys.executable,
                     "-c",
-                    ("import sys; from ray.util.state import list_nodes; "
-                    "print(len(list_nodes(address=sys.argv[1], filters=[('state','=','ALIVE')])))"),
+                    (
+                        "import sys; from ray.util.state import list_nodes; "
+                        "print(len(list_nodes(address=sys.argv[1], "
+                        "filters=[('state','=','ALIVE')])))"
+                    ),
                     dashboard_url,
                 ],
                 env=env,
@@ -137,12 +142,25 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obj
 
         _wait(lambda: nodes_alive() >= 1, 180, "the Ray head", logs)
         worker = _localise(compose["ray-worker"]["command"], replace, volumes)
-        processes.append(
-            _start(
-                [*worker, *node_args, f"--dashboard-agent-listen-port={free_port()}"], env, logs[1]
-            )
-        )
-        _wait(lambda: nodes_alive() == 2, 180, "the Ray worker node", logs)
+
+        def start_worker() -> subprocess.Popen[bytes]:
+            args = [*worker, *node_args, f"--dashboard-agent-listen-port={free_port()}"]
+            return _start(args, env, logs[1])
+
+        processes.append(start_worker())
+        restarts = 0
+
+        def worker_joined() -> bool:
+            # compose restarts a node that exits (`restart: unless-stopped`); so does this, up
+            # to twice: on a loaded machine `ray start` can give up on the head's GCS (its 30 s
+            # "node timed out during startup") before the node ever registers
+            nonlocal restarts
+            if processes[-1].poll() is not None and restarts < 2:
+                restarts += 1
+                processes[-1] = start_worker()
+            return nodes_alive() == 2
+
+        _wait(worker_joined, 180, "the Ray worker node", logs)
         server = _localise(compose["server"]["command"], replace, volumes)
         processes.append(_start(server, env, logs[2]))
         yield {
