@@ -7,8 +7,39 @@ never imports Ray.
 
 from __future__ import annotations
 
+import logging
 import sys
 from importlib.metadata import entry_points
+
+# One line per command for `recsys --help`; kept here rather than read from each command's
+# module so that the overview imports neither Ray nor torch.
+SUMMARIES = {
+    "compress": "low-rank compression of a trained artifact into a new version (METHODS.md §8)",
+    "data": "prepare a dataset (ml100k-ctr, synthetic-ctr, ...) into the data folder",
+    "evaluate": "recompute an artifact's metrics on a split or labelled Parquet (Ray)",
+    "predict": "score Parquet rows with an artifact on Ray Data into a Parquet file",
+    "score": "gRPC client: score JSON-lines rows or ranking requests on a running server",
+    "search-dims": "DNIS mixed-dimension search + retrain on Ray, exported as a new version",
+    "serve": "the gRPC scoring/retrieval server over a model repository",
+    "train": "train a model from a YAML config on Ray and export a versioned artifact",
+    "verify-artifact": "serving-parity gate: gRPC scores of an artifact vs its eager scores",
+}
+
+
+class _QuietLibraryLoads(logging.Filter):
+    """Drops fbgemm_gpu's "Successfully loaded: '<lib>.so'" lines.
+
+    fbgemm_gpu logs them at INFO through the root logger while torchrec imports it, so once a
+    command has configured INFO logging every invocation opened with ~14 of them. A filter on
+    the root logger sees exactly the records logged on it and survives basicConfig(force=True).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno < logging.WARNING
+            and "fbgemm_gpu" in record.pathname
+            and str(record.msg).startswith("Successfully loaded")
+        )
 
 
 def _commands() -> dict[str, object]:
@@ -20,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = _commands()
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: recsys <command> [options]\n\ncommands:")
+        width = max(map(len, commands), default=0)
         for name in sorted(commands):
-            print(f"  {name}")
+            print(f"  {name:<{width}}  {SUMMARIES.get(name, '')}".rstrip())
         print("\nrun `recsys <command> --help` for a command's options")
         return 0
     name, rest = argv[0], argv[1:]
@@ -31,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    logging.getLogger().addFilter(_QuietLibraryLoads())
     command = commands[name].load()  # type: ignore[attr-defined]
     return int(command(rest) or 0)
 

@@ -185,9 +185,14 @@ def score(argv: list[str]) -> int:
     parser.add_argument("--input", type=Path, required=True, help="JSON-lines file, - = stdin")
     parser.add_argument("--ranking", action="store_true", help="lines are ranking requests")
     parser.add_argument("--version", type=int, default=0, help="pin a version (0 = newest)")
-    parser.add_argument("--batch-rows", type=int, default=256, help="rows per request")
-    parser.add_argument("--timeout-s", type=float, default=30.0, help="deadline per call")
-    parser.add_argument("--auth-token-file", type=Path, default=None)
+    parser.add_argument("--batch-rows", type=int, default=256, help="rows per request (256)")
+    parser.add_argument("--timeout-s", type=float, default=30.0, help="deadline per call (30 s)")
+    parser.add_argument(
+        "--auth-token-file",
+        type=Path,
+        default=None,
+        help="file holding the bearer token the server expects (not on the command line)",
+    )
     parser.add_argument("--tls-root", type=Path, default=None, help="PEM roots; enables TLS")
     args = parser.parse_args(argv)
 
@@ -300,7 +305,7 @@ def verify_artifact(argv: list[str]) -> int:
         default=None,
         help="Parquet rows to score (default: the valid split the model was trained with)",
     )
-    parser.add_argument("--rows", type=int, default=512, help="rows of the sample")
+    parser.add_argument("--rows", type=int, default=512, help="rows of the sample (512)")
     args = parser.parse_args(argv)
 
     def go() -> int:

@@ -46,8 +46,25 @@ def _error_lines(stderr: str) -> list[str]:
 def test_help_lists_the_commands(tmp_path: Path, flag: str) -> None:
     result = _recsys(flag, cwd=tmp_path)
     assert result.returncode == 0
-    listed = [line.strip() for line in result.stdout.splitlines() if line.startswith("  ")]
-    assert sorted(listed) == sorted(COMMANDS)
+    listed = [line.split(maxsplit=1) for line in result.stdout.splitlines() if line[:2] == "  "]
+    assert sorted(name for name, *_ in listed) == sorted(COMMANDS)
+    for name, *summary in listed:
+        assert summary and len(summary[0]) > 20, f"{name} has no one-line summary"
+
+
+def test_compress_missing_artifact_is_one_error_line_without_library_noise(
+    tmp_path: Path,
+) -> None:
+    """compress imports torchrec (so fbgemm_gpu, which logs each .so it loads at INFO on the
+    root logger) before it resolves the artifact; the user sees only the error."""
+    result = _recsys(
+        "compress", "--artifact", tmp_path / "nope", "--target-ratio", "3", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    (line,) = _error_lines(result.stderr)
+    assert "artifact:" in line and "nope" in line
+    assert "Successfully loaded" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
 
 
 def test_unknown_command_exits_2_naming_the_valid_ones(tmp_path: Path) -> None:

@@ -83,7 +83,13 @@ def _parser() -> argparse.ArgumentParser:
         help="dataset cache folder (default $RECSYS_DATA or ~/.cache/recsys)",
     )
     layers = parser.add_argument_group("layers and method")
-    layers.add_argument("--method", choices=["pca", "svd"], default="pca")
+    layers.add_argument(
+        "--method",
+        choices=["pca", "svd"],
+        default="pca",
+        help="pca: factor each layer along the principal directions of its outputs on the "
+        "train rows (METHODS.md §8, default); svd: truncated SVD of the weights alone",
+    )
     layers.add_argument(
         "--include",
         nargs="+",
@@ -111,12 +117,33 @@ def _parser() -> argparse.ArgumentParser:
         help="also fine-tune and report the weight-SVD baseline at the same ranks",
     )
     tune = parser.add_argument_group("fine-tuning")
-    tune.add_argument("--epochs", type=int, default=2, help="0 skips fine-tuning")
-    tune.add_argument("--dense-lr", type=float, default=1e-4)
-    tune.add_argument("--table-lr", type=float, default=5e-3)
-    tune.add_argument("--batch-size", type=int, default=1024)
-    tune.add_argument("--patience", type=int, default=1)
-    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument(
+        "--epochs",
+        type=int,
+        default=2,
+        help="fine-tuning epochs on the train split (default 2; 0 skips fine-tuning)",
+    )
+    tune.add_argument(
+        "--dense-lr",
+        type=float,
+        default=1e-4,
+        help="Adam learning rate of the dense layers and factors (default 1e-4)",
+    )
+    tune.add_argument(
+        "--table-lr",
+        type=float,
+        default=5e-3,
+        help="row-wise Adagrad learning rate of the embedding tables (default 5e-3)",
+    )
+    tune.add_argument("--batch-size", type=int, default=1024, help="rows per step (default 1024)")
+    tune.add_argument(
+        "--patience",
+        type=int,
+        default=1,
+        help="stop after this many epochs without a better valid AUC; the best epoch's "
+        "weights are kept (default 1)",
+    )
+    tune.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
     parser.add_argument(
         "--threads",
         type=int,
