@@ -7,14 +7,14 @@ Parts (all AutoInt, trained by the project's own trainer, 2 Ray workers):
             curve (the same trainer, epoch budget and seeds as DNIS's retrain); every table
             sharded (train.replicate_max_mb=0) as in DNIS's retrain, except d=2, which only
             trains replicated (FBGEMM's sharded kernels need widths divisible by 4)
-  dnis      `recsys search-dims` (search + pruning + retrain), 3 seeds: the retrain starting
-            from the searched weights with α folded in (the default) at 1/2 and 3/8 of d=16's
-            table parameters, and from scratch at 1/2, 1/4 and 3/8, pruned by α; also pruned
-            by magnitude (mean |α e| per block and dim, the authors' notebooks) at 1/2; and
-            searched over d=32, pruned to d=8's parameter count and retrained from the search;
-            and a fine-tune of the searched weights at 1/2 at a tenth of the learning rates
-            (dnis/finetune/...); each cell also records the pruned searched model's valid and
-            test AUC before the retrain
+  dnis      `recsys search-dims` (search + pruning + retrain), 3 seeds: the default, a
+            fine-tune of the searched weights with α folded in at a tenth of the learning
+            rates, at 1/2 of d=16's table parameters (dnis/finetune/...); the retrain from the
+            searched weights at the full rates at 1/2 and 3/8, and from scratch at 1/2, 1/4
+            and 3/8, pruned by α; also pruned by magnitude (mean |α e| per block and dim, the
+            authors' notebooks) at 1/2; and searched over d=32, pruned to d=8's parameter
+            count and retrained from the search; each cell also records the pruned searched
+            model's valid and test AUC before the retrain
   lowrank   AutoInt+ (DNN [400, 400]) trained, compressed by activation PCA to a 3x and a 4x
             smaller model (the same trained model) and fine-tuned; weight SVD at the same ranks
             and a small model trained from scratch at about the same size, 3 seeds
@@ -83,6 +83,13 @@ REPLICATED = "train.replicate_max_mb=1"
 # dnis/<start>[-<score>][-d<d>]/r<share>/seed<N> (`-<score>` when it is not α, `-d<d>` when the
 # search is not over d=16).
 DNIS_POINTS = (
+    # the default of `recsys search-dims` (configs/dnis_ml100k.yaml, search.retrain_lr_scale
+    # null): a fine-tune of the searched weights (METHODS.md §7(b)6) at a tenth of the train
+    # section's learning rates; the retrain's fresh row-wise Adagrad at the full table_lr 0.05
+    # moves every row by ~0.05 on its first steps, about the scale of the searched embeddings
+    ("finetune", 0.5, "alpha", 16),
+    # the retrain from the searched weights at the full learning rates (the default until the
+    # fine-tune beat it on seeds 0-2 and then on the fresh seeds 3 and 4)
     ("searched", 0.5, "alpha", 16),
     ("searched", 0.375, "alpha", 16),
     ("searched", 0.5, "magnitude", 16),
@@ -92,26 +99,24 @@ DNIS_POINTS = (
     # searched over d=32 (a wider space than the kept widths, as the paper's d=64), pruned to
     # d=8's parameter count
     ("searched", 0.25, "alpha", 32),
-    # a fine-tune of the searched weights (METHODS.md §7(b)6) at a tenth of the train section's
-    # learning rates: the retrain's fresh row-wise Adagrad at table_lr 0.05 moves every row by
-    # ~0.05 on its first steps, about the scale of the searched embeddings themselves
-    ("finetune", 0.5, "alpha", 16),
     # the same fine-tune with α fitted on half of the valid rows and the retrain selecting its
     # epoch on the other half: α is fitted on valid, so a fine-tune that early-stops on the same
     # rows sees a valid AUC that falls from α's optimistic fit while test still rises
     ("finetune-heldout", 0.5, "alpha", 16),
 )
-# the `finetune` start: retrain_from=searched with these train overrides
+# the learning rates of the `finetune` start's retrain (the config's 1e-3 and 0.05 times
+# search.retrain_lr_scale 0.1); the fine-tune control trains the fixed models again at these
 FINETUNE = ("train.dense_lr=0.0001", "train.table_lr=0.005")
 HELDOUT_SHARE = 0.5  # `finetune-heldout`: search.alpha_valid_share
-# what each DNIS start runs: search.retrain_from and the overrides it adds
+# what each DNIS start runs: search.retrain_from and the overrides it adds (the retrain's
+# learning-rate scale is explicit, so a start means the same whatever the config's default)
 STARTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "searched": ("searched", ()),
-    "scratch": ("scratch", ()),
-    "finetune": ("searched", FINETUNE),
+    "searched": ("searched", ("search.retrain_lr_scale=1",)),
+    "scratch": ("scratch", ("search.retrain_lr_scale=1",)),
+    "finetune": ("searched", ("search.retrain_lr_scale=0.1",)),
     "finetune-heldout": (
         "searched",
-        (*FINETUNE, f"search.alpha_valid_share={HELDOUT_SHARE}"),
+        ("search.retrain_lr_scale=0.1", f"search.alpha_valid_share={HELDOUT_SHARE}"),
     ),
 }
 # low-rank size targets (whole model, x smaller); cells lowrank/seed<N> (3x), lowrank/r<R>/seed<N>
@@ -664,7 +669,8 @@ def summarise(cells: dict[str, Any], budgets: dict[str, Any]) -> dict[str, Any]:
     if points:
         summary["dnis_points"] = points
         # the headline: the first point (in DNIS_POINTS order) above the curve and at least
-        # d=16's AUC, else the first point; every point is listed
+        # d=16's AUC, else the first point, `recsys search-dims`'s default; every point is
+        # listed
         meets = [p for p in points if p["above_fixed_curve"] and p.get("at_least_d16_auc")]
         head = meets[0] if meets else points[0]
         summary["dnis_headline_retrain_from"] = head["retrain_from"]

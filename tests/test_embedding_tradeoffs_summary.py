@@ -76,13 +76,30 @@ def test_a_dnis_point_is_held_against_each_seeds_own_curve_and_d16() -> None:
 def test_the_headline_is_the_first_point_that_meets_the_bar_else_the_first_point() -> None:
     cells: dict[str, Any] = {}
     _fixed(cells, {8: [0.780] * 3, 16: [0.785] * 3})
-    _dnis(cells, "searched", [0.779] * 3)  # DNIS_POINTS' first: below the curve
-    assert et.summarise(cells, {})["dnis_headline_retrain_from"] == "searched"
-    _dnis(cells, "finetune", [0.786] * 3)  # later in DNIS_POINTS, above the curve and d=16
+    _dnis(cells, "finetune", [0.779] * 3)  # DNIS_POINTS' first: below the curve
+    assert et.summarise(cells, {})["dnis_headline_retrain_from"] == "finetune"
+    _dnis(cells, "searched", [0.786] * 3)  # later in DNIS_POINTS, above the curve and d=16
     summary = et.summarise(cells, {})
-    assert summary["dnis_headline_retrain_from"] == "finetune"
+    assert summary["dnis_headline_retrain_from"] == "searched"
     assert summary["dnis_test_auc"] == pytest.approx(0.786)
-    assert [p["retrain_from"] for p in summary["dnis_points"]] == ["searched", "finetune"]
+    assert [p["retrain_from"] for p in summary["dnis_points"]] == ["finetune", "searched"]
+
+
+def test_the_first_dnis_point_is_what_search_dims_runs_by_default() -> None:
+    """The headline falls back to DNIS_POINTS' first point: it must be the recipe of
+    configs/dnis_ml100k.yaml as shipped (start, learning-rate scale, target, score, width)."""
+    from training.config import load_config
+
+    cfg = load_config(et.DNIS, [])
+    start, target, score, dim = et.DNIS_POINTS[0]
+    retrain_from, overrides = et.STARTS[start]
+    assert retrain_from == cfg.search.retrain_from
+    assert overrides == (f"search.retrain_lr_scale={cfg.search.retrain_lr_factor:g}",)
+    assert (target, score, dim) == (
+        cfg.search.target_ratio,
+        cfg.search.prune_score,
+        cfg.embedding.dim,
+    )
 
 
 def test_the_finetune_control_compares_with_the_fine_tuned_fixed_models() -> None:

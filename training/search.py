@@ -8,7 +8,8 @@ init.safetensors (the searched weights in the pruned model's layout, α folded i
 (valid AUC vs table parameters of the pruning sweep), result.json, search.log -> the pruned
 model retrained by the regular trainer (`training.jobs.train`, DMP-sharded) on a copy of the
 config with `embedding.variant=mixed_dim` and the spec, same epoch budget and seed, starting
-from init.safetensors (`search.retrain_from: searched`, the default) or from scratch, into
+from init.safetensors (`search.retrain_from: searched`, the default, fine-tuned at a tenth of
+the train section's learning rates: `search.retrain_lr_scale`) or from scratch, into
 `<run>/retrain/`; the trainer writes it as a new version of `output.model_name`.
 Running it again with the same `output.run_name` reuses a finished search and resumes the
 retrain.
@@ -141,10 +142,13 @@ def run_search_dims(cfg: ExperimentConfig) -> dict[str, Any]:
     spec = MixedDimSpec.model_validate_json((search_dir / "spec.json").read_text())
     retrain_cfg = retrain_config(cfg, spec, run_dir)
     logger.info(
-        "retraining the pruned model from %s (%d of %d table parameters)",
+        "retraining the pruned model from %s (%d of %d table parameters) at dense_lr=%g "
+        "table_lr=%g",
         "the searched weights" if cfg.search.retrain_from == "searched" else "scratch",
         result["params"],
         result["full_params"],
+        retrain_cfg.train.dense_lr,
+        retrain_cfg.train.table_lr,
     )
     trained = train(retrain_cfg)
     summary = {
@@ -162,6 +166,7 @@ def run_search_dims(cfg: ExperimentConfig) -> dict[str, Any]:
         "search_wall_s": result.get("search_wall_s"),
         "searched_model": result.get("searched_model"),
         "retrain_from": cfg.search.retrain_from,
+        "retrain_lr_scale": cfg.search.retrain_lr_factor,
         "retrain": {
             k: trained.get(k)
             for k in (
@@ -182,8 +187,15 @@ def run_search_dims(cfg: ExperimentConfig) -> dict[str, Any]:
 def retrain_config(cfg: ExperimentConfig, spec: MixedDimSpec, run_dir: Path) -> ExperimentConfig:
     """The search's config with the searched mixed-dim embedding, trained in `<run>/retrain`
     (same model, train settings, seed and model name); with `search.retrain_from: searched`
-    it starts from the search's folded weights (`<run>/search/init.safetensors`)."""
+    it starts from the search's folded weights (`<run>/search/init.safetensors`), at the train
+    section's learning rates times `search.retrain_lr_factor`."""
     raw = cfg.model_dump(mode="json")
+    factor = cfg.search.retrain_lr_factor
+    raw["train"] = {
+        **raw["train"],
+        "dense_lr": cfg.train.dense_lr * factor,
+        "table_lr": cfg.train.table_lr * factor,
+    }
     raw["embedding"] = {
         **raw["embedding"],
         "variant": "mixed_dim",

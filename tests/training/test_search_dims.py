@@ -159,6 +159,11 @@ def test_retrain_starts_from_the_searched_weights_alpha_folded(searched: dict[st
     init = searched["run"] / "search" / "init.safetensors"
     retrain_config = json.loads((searched["run"] / "retrain" / "config.json").read_text())
     assert retrain_config["train"]["init_weights"] == str(init)
+    # a fine-tune: a tenth of the train section's learning rates (search.retrain_lr_scale)
+    shipped = load_config(CONFIG)
+    assert summary["retrain_lr_scale"] == pytest.approx(0.1)
+    assert retrain_config["train"]["dense_lr"] == pytest.approx(shipped.train.dense_lr / 10)
+    assert retrain_config["train"]["table_lr"] == pytest.approx(shipped.train.table_lr / 10)
     artifact = load_artifact(summary["artifact"])
     model = artifact.model
     model.load_state_dict(load_file(str(init)))
@@ -228,6 +233,39 @@ def test_bad_input_names_the_setting(ml100k_dir: Path, tmp_path: Path) -> None:
     assert "search.fields: ['movie'] are not sparse fields of ml100k-ctr" in done.stderr
     done = _search_dims(tmp_path, ml100k_dir, "search.width_multiple=3")
     assert done.returncode == 2 and "search.width_multiple=3 must be a multiple of 4" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "factor"),
+    [
+        ([], 0.1),  # the default: fine-tune the searched weights
+        (["search.retrain_from=scratch"], 1.0),  # a fresh init trains at the full rates
+        (["search.retrain_lr_scale=1"], 1.0),
+        (["search.retrain_from=scratch", "search.retrain_lr_scale=0.5"], 0.5),
+    ],
+)
+def test_retrain_learning_rates_follow_retrain_lr_scale(
+    tmp_path: Path, overrides: list[str], factor: float
+) -> None:
+    from training.search import retrain_config
+
+    cfg = load_config(CONFIG, overrides)
+    spec = MixedDimSpec.model_validate({"fields": {"user_id": [{"end": 944, "kept": [0, 1]}]}})
+    retrain = retrain_config(cfg, spec, tmp_path)
+    assert cfg.search.retrain_lr_factor == factor
+    assert retrain.train.dense_lr == pytest.approx(cfg.train.dense_lr * factor)
+    assert retrain.train.table_lr == pytest.approx(cfg.train.table_lr * factor)
+    # nothing else in the train section changes: same epochs, early stopping and seed
+    rest = {"dense_lr", "table_lr", "init_weights"}
+    assert retrain.train.model_dump(exclude=rest) == cfg.train.model_dump(exclude=rest)
+    assert (retrain.train.init_weights is not None) == (cfg.search.retrain_from == "searched")
+
+
+def test_retrain_lr_scale_out_of_range_names_the_setting() -> None:
+    from recsys.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="retrain_lr_scale"):
+        load_config(CONFIG, ["search.retrain_lr_scale=0"])
 
 
 def test_shipped_config_loads_and_matches_the_fixed_d_run() -> None:
