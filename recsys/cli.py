@@ -7,7 +7,6 @@ never imports Ray.
 
 from __future__ import annotations
 
-import logging
 import sys
 from importlib.metadata import entry_points
 
@@ -24,22 +23,6 @@ SUMMARIES = {
     "train": "train a model from a YAML config on Ray and export a versioned artifact",
     "verify-artifact": "serving-parity gate: gRPC scores of an artifact vs its eager scores",
 }
-
-
-class _QuietLibraryLoads(logging.Filter):
-    """Drops fbgemm_gpu's "Successfully loaded: '<lib>.so'" lines.
-
-    fbgemm_gpu logs them at INFO through the root logger while torchrec imports it, so once a
-    command has configured INFO logging every invocation opened with ~14 of them. A filter on
-    the root logger sees exactly the records logged on it and survives basicConfig(force=True).
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            record.levelno < logging.WARNING
-            and "fbgemm_gpu" in record.pathname
-            and str(record.msg).startswith("Successfully loaded")
-        )
 
 
 def _commands() -> dict[str, object]:
@@ -63,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    logging.getLogger().addFilter(_QuietLibraryLoads())
     command = commands[name].load()  # type: ignore[attr-defined]
     return int(command(rest) or 0)
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recsys.errors import ArtifactError, ConfigError, DataError, SchemaError
+from recsys.logs import configure_logging
 
 if TYPE_CHECKING:  # the config module imports torch-side code; the CLI loads it lazily
     from training.config import ExperimentConfig
@@ -24,7 +24,7 @@ USER_ERRORS = (ConfigError, SchemaError, DataError, ArtifactError)
 
 
 def _run(fn: Callable[[], int]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging("%(asctime)s %(levelname)s %(message)s")
     try:
         return fn()
     except USER_ERRORS as e:

@@ -38,6 +38,7 @@ from recsys.embeddings import build_embedding
 from recsys.errors import ConfigError, DataError
 from recsys.features.batch import batch_from_encoded, features_from_encoded
 from recsys.features.schema import DOMAIN_COLUMN, FeatureSchema
+from recsys.logs import configure_logging, quiet_libraries
 from recsys.metrics import auc_by_group, binary_metrics, gauc
 from recsys.models.outputs import CTRModel
 from recsys.models.registry import build_model
@@ -115,6 +116,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     if rank == 0:
         _log_to_run_folder(run_dir)
+    else:  # only rank 0 reports; the others keep library INFO (TorchRec, fbgemm) off too
+        quiet_libraries()
     torch.set_num_threads(cfg.ray.threads_per_worker)
     torch.manual_seed(cfg.train.seed)
 
@@ -229,7 +232,7 @@ def _selected(metrics: dict[str, float], cfg: ExperimentConfig) -> float:
 def _log_to_run_folder(run_dir: Path) -> None:
     # A worker process is an entry point: rank 0 logs to the driver's output (Ray forwards it)
     # and to LOG_FILE in the run folder, so the log outlives the session.
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    configure_logging("%(message)s", force=True)
     file_handler = logging.FileHandler(run_dir / LOG_FILE)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     logger.addHandler(file_handler)

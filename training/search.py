@@ -37,6 +37,7 @@ from recsys.embeddings.config import MixedDimSpec
 from recsys.errors import ConfigError
 from recsys.features.batch import Batch, batch_from_encoded
 from recsys.features.schema import FeatureSchema
+from recsys.logs import configure_logging
 from recsys.models.outputs import CTRModel
 from recsys.models.registry import build_model
 from recsys.search.dnis import (
@@ -304,7 +305,7 @@ def search_task(config: dict[str, Any], paths_raw: dict[str, Any]) -> dict[str, 
 def _log_to(path: Path) -> None:
     # A Ray worker is an entry point: progress goes to its stdout (Ray forwards it to the
     # driver) and to the run folder.
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    configure_logging("%(message)s", force=True)
     search_logger = logging.getLogger("recsys.search")
     if not any(getattr(h, "baseFilename", None) == str(path) for h in search_logger.handlers):
         handler = logging.FileHandler(path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,12 +20,13 @@ from pydantic import ValidationError
 
 from recsys.data.splits import SPLITS, split_files
 from recsys.errors import ArtifactError, ConfigError, DataError, SchemaError
+from recsys.logs import configure_logging
 
 USER_ERRORS = (ConfigError, SchemaError, DataError, ArtifactError)
 
 
 def _run(fn: Callable[[], int]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging("%(asctime)s %(levelname)s %(message)s")
     try:
         return fn()
     except USER_ERRORS as e:
