@@ -19,7 +19,7 @@ def configure_logging(fmt: str, level: int = logging.INFO, *, force: bool = Fals
     """Root handler with `fmt`; the project's loggers at `level`, everything else at WARNING
     (or `level` when that is higher). `force` replaces handlers an earlier setup installed (a
     Ray worker process inherits Ray's)."""
-    logging.basicConfig(level=max(level, logging.WARNING), format=fmt, force=force)
+    logging.basicConfig(format=fmt, force=force)
     quiet_libraries(level)
 
 

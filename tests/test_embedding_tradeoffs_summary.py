@@ -100,6 +100,12 @@ def test_the_first_dnis_point_is_what_search_dims_runs_by_default() -> None:
         cfg.search.prune_score,
         cfg.embedding.dim,
     )
+    # the fine-tune control trains the fixed models again at the rates this retrain uses
+    factor = cfg.search.retrain_lr_factor
+    assert (
+        f"train.dense_lr={cfg.train.dense_lr * factor:g}",
+        f"train.table_lr={cfg.train.table_lr * factor:g}",
+    ) == et.FINETUNE
 
 
 def test_the_finetune_control_compares_with_the_fine_tuned_fixed_models() -> None:
