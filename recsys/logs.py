@@ -25,8 +25,8 @@ def configure_logging(fmt: str, level: int = logging.INFO, *, force: bool = Fals
 
 def quiet_libraries(level: int = logging.INFO) -> None:
     """The levels of `configure_logging` without touching handlers (a Ray Train worker that
-    does not report keeps Ray Train's handlers). fbgemm_gpu's library loads are logged when a
-    worker first imports it, before any of our code runs there, and still show."""
+    does not report keeps Ray Train's handlers). A Ray Train worker calls it before importing
+    TorchRec, whose fbgemm_gpu logs its library loads at INFO on import (training/worker.py)."""
     logging.getLogger().setLevel(max(level, logging.WARNING))
     for name in PROJECT_LOGGERS:
         logging.getLogger(name).setLevel(level)

@@ -1,10 +1,10 @@
 """The only place that builds a Ray Train `TorchTrainer`.
 
 Starts (or joins) Ray, builds the Ray Data dataset of the encoded train split, and runs
-`train_loop_per_worker` on `num_workers` workers with gloo (CPU) or nccl (GPU). Checkpoints
-live under `<run_root>/_ray/<run_name>/`: Ray Train restarts the worker group from the latest
-one after a failure (up to `ray.max_failures` times), and a new `fit()` with the same run name
-resumes from it.
+`train_loop_per_worker` (through training/worker.py's entry) on `num_workers` workers with gloo
+(CPU) or nccl (GPU). Checkpoints live under `<run_root>/_ray/<run_name>/`: Ray Train restarts
+the worker group from the latest one after a failure (up to `ray.max_failures` times), and a
+new `fit()` with the same run name resumes from it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from training.config import ExperimentConfig
-from training.loop import RunPaths, train_loop_per_worker
+from training.loop import RunPaths
+from training.worker import train_loop_entry
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def run_trainer(cfg: ExperimentConfig, paths: RunPaths) -> None:
         "MKL_NUM_THREADS": str(cfg.ray.threads_per_worker),
     }
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop_entry,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "paths": paths.model_dump()},
         torch_config=TorchConfig(backend="gloo", timeout_s=cfg.ray.collective_timeout_s),
         scaling_config=ScalingConfig(
