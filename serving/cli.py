@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from recsys.errors import ArtifactError, ConfigError, DataError, SchemaError
+from recsys.logs import quiet_libraries
 from serving.interceptors import RequestIdFilter
 
 USER_ERRORS = (ConfigError, SchemaError, DataError, ArtifactError)
@@ -29,12 +30,16 @@ _USER_STATUSES = ("INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED")
 
 
 def _configure_logging(level: int) -> None:
+    """One stderr handler carrying the request id; the project's loggers at `level`, libraries
+    from WARNING (fbgemm_gpu logs its library loads at INFO on the root logger when TorchRec is
+    imported, which `serve` does after this runs)."""
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
     )
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.basicConfig(handlers=[handler], force=True)
+    quiet_libraries(level)
 
 
 def _run(fn: Callable[[], int], level: int = logging.INFO) -> int:

@@ -221,13 +221,13 @@ async def serve(server: grpc.aio.Server, on_started: Callable[[], None] | None =
         server: a server made by `create_server`.
         on_started: called once the server accepts calls (the CLI prints the address there).
     """
-    await server.start()
-    if on_started is not None:
-        on_started()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    if on_started is not None:
+        on_started()  # after the handlers: a SIGTERM sent on the announcement drains, not kills
     await stop.wait()
     logger.info("serve: signal received")
     for sig in (signal.SIGTERM, signal.SIGINT):

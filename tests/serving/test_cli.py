@@ -130,6 +130,34 @@ def test_sigterm_drains_in_flight_calls_then_exits_0(
     assert "Traceback" not in log
 
 
+def test_recsys_serve_logs_its_own_progress_without_library_info_lines(
+    repo: Path, tmp_path: Path
+) -> None:
+    """`recsys serve` sets up logging before it imports TorchRec, whose fbgemm_gpu logs each
+    library it loads at INFO on the root logger: only the project's loggers speak at INFO. A
+    SIGTERM sent as soon as the address is printed stops it cleanly (exit 0)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "recsys.cli", "serve", "--model-repo", str(repo), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        assert process.stdout is not None
+        assert ADDRESS_RE.search(process.stdout.readline())
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=WAIT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(WAIT_S)
+    assert process.returncode == 0, stderr
+    assert "INFO serving" in stderr  # the server's own progress still shows
+    assert "Successfully loaded" not in stderr
+    assert "Traceback" not in stderr
+
+
 @pytest.mark.slow
 def test_score_prints_json_lines_for_rows_and_ranking(
     repo: Path,
