@@ -278,7 +278,7 @@ def predict(
         fn_constructor_args=(str(version_dir), _kept_columns(schema)),
         batch_size=batch_size,
         batch_format="pyarrow",
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),  # one actor loads the artifact once
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_suffix(".partial")
