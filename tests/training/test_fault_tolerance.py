@@ -29,7 +29,10 @@ from tests.training.ray_cluster import REPO, LocalCluster, start_head, wait_for
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 RUN = "faults"
-MAX_EPOCHS = 3
+# An epoch takes about 5 s here: one spare epoch keeps the driver kill (after the first
+# checkpoint that follows the restore) ahead of the run's end even if the worker kill lands an
+# epoch late.
+MAX_EPOCHS = 4
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +100,20 @@ def test_run_resumes_after_a_killed_worker_and_a_killed_driver(
     with (work / "first.log").open("wb") as log:
         driver = subprocess.Popen(args, cwd=work, env=cluster.env, stdout=log, stderr=log)
     try:
-        # 1. a worker dies after the first registered checkpoint
+        # 1. a worker dies after the first registered checkpoint. Its pid is looked up while
+        #    the first epoch runs: the state API takes seconds in a fresh interpreter, longer
+        #    than an epoch on a loaded machine, so the kill then follows the checkpoint at once.
+        workers: list[dict[str, Any]] = []
+
+        def group_started() -> bool:
+            workers[:] = cluster.alive_actors("RayTrainWorker")
+            return len(workers) == 2 or driver.poll() is not None
+
+        wait_for(group_started, 600, "the worker group")
         wait_for(lambda: _registered_epoch(work) >= 1 or driver.poll() is not None, 600, "ckpt")
         assert driver.poll() is None, (work / "first.log").read_text()[-4000:]
-        first_checkpoint = _registered_epoch(work)
-        workers = cluster.alive_actors("RayTrainWorker")
         assert len(workers) == 2, workers
+        first_checkpoint = _registered_epoch(work)
         os.kill(workers[-1]["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
 
