@@ -19,7 +19,7 @@ SUMMARIES = {
     "predict": "score Parquet rows with an artifact on Ray Data into a Parquet file",
     "score": "gRPC client: score JSON-lines rows or ranking requests on a running server",
     "search-dims": "DNIS mixed-dimension search + retrain on Ray, exported as a new version",
-    "serve": "the gRPC scoring/retrieval server over a model repository",
+    "serve": "the gRPC scoring server over a model repository (ranking and row scoring)",
     "train": "train a model from a YAML config on Ray and export a versioned artifact",
     "verify-artifact": "serving-parity gate: gRPC scores of an artifact vs its eager scores",
 }
