@@ -838,7 +838,8 @@ def main(argv: list[str] | None = None) -> int:
     prepare_movielens("ml100k-ctr", ml100k, data_dir=data_root, show_progress=True)
     work = args.work_dir or args.output.parent / f".{args.output.stem}_work"
     doc: dict[str, Any] = {"cells": {}}
-    if args.output.exists() and not args.fresh:
+    # A smoke run always starts over, like --fresh: it checks today's plumbing, not a saved cell
+    if args.output.exists() and not (args.fresh or args.smoke):
         doc = json.loads(args.output.read_text())
     seeds = SEEDS[:1] if args.smoke else SEEDS
     d16 = collisionless_params(ml100k, 16)
