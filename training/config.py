@@ -51,10 +51,11 @@ class DataConfig(_Strict):
             and replayed every epoch; a larger one streams from Parquet every epoch, so
             memory stays bounded. Re-reading costs seconds per epoch (Ray Data starts its
             read tasks again), which dominates an epoch of a small set. 0 always streams.
-        ingest_block_mb: the largest block Ray Data builds from the train split (its
-            target_max_block_size). A worker maps a whole block and its shuffle buffer copies
-            rows out of it, so this bounds that part of its memory; with Ray's default
-            (128 MB) a small streamed split became one block, read by the worker at once.
+        ingest_block_mb: the largest block of the train split (Ray Data's
+            target_max_block_size when streamed; the driver cuts a materialised split into
+            blocks of this size as it reads the files). A worker maps a whole block and its
+            shuffle buffer copies rows out of it, so this bounds that part of its memory; with
+            Ray's default (128 MB) a small streamed split became one block, read at once.
         ingest_buffer_mb: object-store memory, per worker, that the train read may fill ahead
             of the workers (Ray Data's resource_limits.object_store_memory for the ingest).
             A worker's resident memory counts every object-store page it has read, and the

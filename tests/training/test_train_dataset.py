@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from training import ray_runner
 from training.config import load_config
 from training.ray_runner import encoded_mb, ingest_options, train_dataset
 
@@ -49,9 +50,12 @@ def _rows(dataset: ray.data.Dataset) -> list[int]:
     return sorted(row for batch in batches for row in batch["row"].to_pylist())
 
 
+@pytest.mark.parametrize("driver_read_max_mb", [64.0, 0.0], ids=["driver-read", "ray-data-read"])
 def test_a_small_split_is_read_once_and_replayed_every_epoch(
-    local_ray: None, train_folder: Path
+    local_ray: None, train_folder: Path, monkeypatch: pytest.MonkeyPatch, driver_read_max_mb: float
 ) -> None:
+    # a split up to DRIVER_READ_MAX_MB is read by the driver, a larger one by Ray Data
+    monkeypatch.setattr(ray_runner, "DRIVER_READ_MAX_MB", driver_read_max_mb)
     dataset = train_dataset(train_folder, load_config(None, ["data.materialize_max_mb=1024"]))
     shutil.rmtree(train_folder)  # read once: the Parquet files are no longer needed
     for _ in range(2):  # two epochs: every row exactly once in each
@@ -66,12 +70,27 @@ def test_a_split_over_the_limit_streams_from_parquet(local_ray: None, train_fold
         _rows(dataset)
 
 
-def test_blocks_are_cut_at_ingest_block_mb(local_ray: None, train_folder: Path) -> None:
-    # each file holds 80 kB of values; at a 20 kB limit Ray Data cuts it into several blocks,
-    # at the default (4 MB) a file stays one block
+@pytest.mark.parametrize(
+    ("materialize_max_mb", "driver_read_max_mb"),
+    [(0, 64.0), (1024, 64.0), (1024, 0.0)],
+    ids=["streamed", "materialised-driver-read", "materialised-ray-data-read"],
+)
+def test_blocks_are_cut_at_ingest_block_mb(
+    local_ray: None,
+    train_folder: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    materialize_max_mb: int,
+    driver_read_max_mb: float,
+) -> None:
+    # each file holds 80 kB of values; at a 20 kB limit it is cut into several blocks, at the
+    # default (4 MB) a file stays one block
+    monkeypatch.setattr(ray_runner, "DRIVER_READ_MAX_MB", driver_read_max_mb)
     sizes = {}
     for limit in (0.02, 4.0):
-        cfg = load_config(None, ["data.materialize_max_mb=0", f"data.ingest_block_mb={limit}"])
+        cfg = load_config(
+            None,
+            [f"data.materialize_max_mb={materialize_max_mb}", f"data.ingest_block_mb={limit}"],
+        )
         blocks = train_dataset(train_folder, cfg).iter_batches(
             batch_size=None, batch_format="pyarrow"
         )
@@ -103,7 +122,11 @@ def _epoch_orders(folder: Path, seed: int, epochs: int = 2) -> list[list[int]]:
     ]
 
 
-def test_the_seed_fixes_every_epochs_block_order(local_ray: None, train_folder: Path) -> None:
+@pytest.mark.parametrize("driver_read_max_mb", [64.0, 0.0], ids=["driver-read", "ray-data-read"])
+def test_the_seed_fixes_every_epochs_block_order(
+    local_ray: None, train_folder: Path, monkeypatch: pytest.MonkeyPatch, driver_read_max_mb: float
+) -> None:
+    monkeypatch.setattr(ray_runner, "DRIVER_READ_MAX_MB", driver_read_max_mb)
     first, again, other = (_epoch_orders(train_folder, seed) for seed in (0, 0, 1))
     rows = list(range(3 * ROWS_PER_FILE))
     assert all(sorted(epoch) == rows for epoch in first)
