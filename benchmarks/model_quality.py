@@ -10,7 +10,7 @@ Prints a table and writes benchmarks/results/model_quality.json: per-cell result
 metrics, the run's log), the peer figures of BENCHMARKS.md beside ours, git sha, machine, date,
 and a `summary`. Each cell is saved as soon as it finishes and skipped when the script is run
 again, so a long sweep survives an interruption (`--fresh` starts over; `--smoke` always
-starts over).
+starts over, and trains every model but ARM-Net, which its end-to-end test trains).
 
     python benchmarks/model_quality.py                  # full run (a few minutes per cell)
     python benchmarks/model_quality.py --models esmm naive_cvr   # some models only
@@ -92,6 +92,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "autoint_test_logloss": ("autoint", "test.logloss"),
 }
 SUMMARY_KEYS = (*METRICS, "lr_test_auc")
+# Left out of the smoke run (it keeps `make test` under its time limit): ARM-Net is trained end
+# to end on 2 sharded workers, exported and served by tests/training/test_train_models_e2e.py.
+SMOKE_SKIPS = ("armnet",)
 
 
 def one_hot(schema: FeatureSchema, table: Any) -> sparse.csr_matrix:
@@ -293,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         doc["lr"] = logistic_regression(data_dir, (1.0,) if args.smoke else (0.3, 1.0))
         save()
     print(f"logistic regression: test auc {doc['lr']['test_auc']:.4f} (C={doc['lr']['C']})")
-    for name in args.models or MODELS:
+    models = args.models or [m for m in MODELS if not (args.smoke and m in SMOKE_SKIPS)]
+    for name in models:
         for seed in seeds:
             key = f"{name}/seed{seed}"
             if key in doc["cells"]:
@@ -311,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = doc["summary"]
     print(json.dumps(summary, indent=2))
     print_table(summary)
-    wanted = SUMMARY_KEYS if args.models is None else ()
+    wanted = [k for k in SUMMARY_KEYS if k not in METRICS or METRICS[k][0] in models]
     missing = [k for k in wanted if k not in summary]
     if missing:
         print(f"model_quality: summary lacks {missing}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Training streams from Parquet with bounded memory: on synthetic-ctr sets of 160k and 1.28M
+"""Training streams from Parquet with bounded memory: on synthetic-ctr sets of 160k and 960k
 rows (small vocabularies, so the tables are about the same size) the peak resident memory of the
 driver and of the worker stays within a tolerance; the run reports rows/s and peak memory.
 
@@ -10,8 +10,9 @@ Both sets are past the warm-up: the allocators' pools grow over the first few hu
 thousand rows of fitting and the first ~50 training steps, then stay flat, and a 20k-row set
 (15 steps, one evaluation batch) measured the warm-up rather than growth with the rows.
 Whole-process peaks vary by up to about 60 MB between identical runs, so the bounds catch the
-1.28M split materialised in a process (its encoded train split alone is about 330 MB), not a
-leak of a few MB.
+960k split materialised in a process (its encoded train split alone is about 250 MB), not a
+leak of a few MB. The large set was 1.28M rows until the suite's time neared its limit: its
+training took 200 of the test's 360 s, and 960k still puts the split at 1.5x the tolerance.
 
 Measured with a /proc sampler beside this test's command (1 worker), the worker's peak grew
 by about 230 MB from 20k to 320k rows until three causes were fixed: Ray Data built the small
@@ -20,8 +21,10 @@ streamed split as one block, which the worker mapped and copied at once (now
 page the worker reads stays resident in it (now `data.ingest_buffer_mb`: they plateau at about
 35 MB); and evaluation kept each batch's labels as Arrow slices, which pinned the pages of
 Arrow's memory pool around them (now copied out). Then 160k 933 MB, 1.28M 901 MB; preparation
-571 and 638 MB. Peaks are VmHWM: ru_maxrss, kept across exec, had counted this test process
-(holding the generated set) as part of the training driver it started.
+571 and 638 MB (160k and 960k with batches of 2048 once: workers 1018 and 952 MB, drivers 604
+and 644 MB, preparation 570 and 644 MB). Peaks are VmHWM: ru_maxrss, kept across exec, had
+counted this test process (holding the generated set) as part of the training driver it
+started.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from recsys.data.synthetic import generate_synthetic_ctr
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
-ROWS = (160_000, 1_280_000)
+ROWS = (160_000, 960_000)
 PREPARE_TOLERANCE_MB = 100.0
 PROCESS_TOLERANCE_MB = 160.0
 ROW_GROUP_ROWS = 8192
@@ -124,7 +127,7 @@ def test_peak_memory_does_not_grow_with_the_row_count(tmp_path: Path) -> None:
         )
         load_artifact(result["artifact"])
     # every train row went through the single worker (drop_last loses under one batch)
-    assert large["train_rows"] > 7 * small["train_rows"]
+    assert large["train_rows"] > 5 * small["train_rows"]
     growth = {key: large[key] - small[key] for key in ("prepare_peak_rss_mb", "driver_peak_rss_mb")}
     growth["worker_peak_rss_mb"] = large["worker_peak_rss_mb"][0] - small["worker_peak_rss_mb"][0]
     assert growth["prepare_peak_rss_mb"] < PREPARE_TOLERANCE_MB, (growth, small, large)
