@@ -1,10 +1,12 @@
-"""What every benchmark records about the run: the code's git sha and the machine.
+"""What every benchmark records about the run (the code's git sha and the machine) and how it
+picks up the cells a previous run saved.
 
 Standard library only, so the benchmarks' worker subprocesses can import it cheaply.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -42,3 +44,17 @@ def machine() -> dict[str, Any]:
         first = meminfo.read_text().splitlines()[0].split()
         info["memory_gb"] = round(int(first[1]) / 2**20, 1)
     return info
+
+
+def saved_doc(output: Path, fresh: bool, smoke: bool) -> dict[str, Any]:
+    """The document a previous full run saved at `output`, to resume from its cells; a fresh
+    one ({"cells": {}}) with `--fresh`, in smoke mode (a smoke run checks today's plumbing, not
+    a saved cell), when nothing is saved, or when what is saved came from a smoke run (its
+    one-epoch cells are not measurements)."""
+    if fresh or smoke or not output.exists():
+        return {"cells": {}}
+    doc: dict[str, Any] = json.loads(output.read_text())
+    if doc.get("smoke"):
+        return {"cells": {}}
+    doc.setdefault("cells", {})
+    return doc

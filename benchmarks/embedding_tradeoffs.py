@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import git_sha, machine  # benchmarks/ is the script folder on sys.path
+from _common import git_sha, machine, saved_doc  # benchmarks/ is the script folder on sys.path
 
 from recsys.data.movielens import default_data_dir, prepare_movielens
 from training.config import ExperimentConfig, load_config
@@ -837,10 +837,7 @@ def main(argv: list[str] | None = None) -> int:
     ml100k = data_root / "ml100k-ctr"
     prepare_movielens("ml100k-ctr", ml100k, data_dir=data_root, show_progress=True)
     work = args.work_dir or args.output.parent / f".{args.output.stem}_work"
-    doc: dict[str, Any] = {"cells": {}}
-    # A smoke run always starts over, like --fresh: it checks today's plumbing, not a saved cell
-    if args.output.exists() and not (args.fresh or args.smoke):
-        doc = json.loads(args.output.read_text())
+    doc = saved_doc(args.output, args.fresh, args.smoke)  # a smoke run always starts over
     seeds = SEEDS[:1] if args.smoke else SEEDS
     d16 = collisionless_params(ml100k, 16)
     budgets = doc.setdefault("budgets", {})  # the synthetic budgets are added as they run

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from _common import git_sha, machine  # benchmarks/ is the script folder on sys.path
+from _common import git_sha, machine, saved_doc  # benchmarks/ is the script folder on sys.path
 from scipy import sparse
 from sklearn.linear_model import LogisticRegression
 
@@ -264,14 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         prepare_movielens(task, folder, data_dir=data_root, show_progress=True)
     data_dir = data_dirs["ml100k-ctr"]
     work = args.work_dir or args.output.parent / f".{args.output.stem}_work"
-    doc: dict[str, Any] = {"cells": {}}
-    # A smoke run always starts over: it checks today's plumbing, not a saved cell (it used to
-    # read the cells of the previous `make test` from the same output and train nothing). A full
-    # run resumes from a full run's cells only.
-    if args.output.exists() and not (args.fresh or args.smoke):
-        saved = json.loads(args.output.read_text())
-        if not saved.get("smoke"):
-            doc = saved
+    # A smoke run always starts over (it used to read the cells of the previous `make test` from
+    # the same output and train nothing); a full run resumes from a full run's cells only.
+    doc = saved_doc(args.output, args.fresh, args.smoke)
     seeds = SEEDS[:1] if args.smoke else SEEDS
 
     def save() -> None:

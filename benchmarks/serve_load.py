@@ -73,7 +73,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from _common import git_sha, machine  # benchmarks/ is the script folder on sys.path
+from _common import git_sha, machine, saved_doc  # benchmarks/ is the script folder on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
@@ -1391,11 +1391,8 @@ class Run:
         prepare_ml100k_ctr(self.ml100k_dir, data_dir=self.data_root, show_progress=True)
         self.work = (args.work_dir or args.output.parent / f".{args.output.stem}_work").resolve()
         self.orch = Orchestrator(args, self.work)
-        self.doc: dict[str, Any] = {"cells": {}}
-        # A smoke run always starts over: it checks today's plumbing, not a saved cell.
-        if args.output.exists() and not (args.fresh or args.smoke):
-            self.doc = json.loads(args.output.read_text())
-            self.doc.setdefault("cells", {})
+        # a smoke run always starts over
+        self.doc: dict[str, Any] = saved_doc(args.output, args.fresh, args.smoke)
         self.doc["timings_s_this_run"] = {}
         self.failures: list[str] = []
 

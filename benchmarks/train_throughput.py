@@ -58,7 +58,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import git_sha, machine  # benchmarks/ is the script folder on sys.path
+from _common import git_sha, machine, saved_doc  # benchmarks/ is the script folder on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
@@ -789,11 +789,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--only: unknown cells {sorted(unknown)} (known: {list(cells)})")
         cells = {k: v for k, v in cells.items() if k in args.only}
 
-    doc: dict[str, Any] = {"cells": {}}
-    # A smoke run always starts over: it checks today's plumbing, not a saved cell.
-    if args.output.exists() and not (args.fresh or args.smoke):
-        doc = json.loads(args.output.read_text())
-        doc.setdefault("cells", {})
+    doc = saved_doc(args.output, args.fresh, args.smoke)  # a smoke run always starts over
 
     def save() -> None:
         doc.update(
