@@ -1,9 +1,11 @@
 """The train split reaches the workers through Ray Data: read once into the object store when
 it is small (`data.materialize_max_mb`), streamed from Parquet every epoch otherwise; both give
-every row once per pass, in an order drawn from `train.seed` anew every epoch."""
+every row once per pass, in an order drawn from `train.seed` anew every epoch. Also the
+embedded Ray's Ray Train settings."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,3 +135,31 @@ def test_the_seed_fixes_every_epochs_block_order(
     assert first == again  # the same seed: the same order, epoch by epoch
     assert first[0] != first[1]  # a new order every epoch
     assert first != other  # another seed, other orders
+
+
+def _fake_ray(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(ray_runner.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_runner.ray, "init", lambda **kwargs: calls.append(kwargs))
+    for name in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"):
+        monkeypatch.delenv(name, raising=False)
+    return calls
+
+
+def test_the_embedded_ray_has_no_preemption_watcher_and_polls_its_workers_often(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = _fake_ray(monkeypatch)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")  # the user's own setting stays
+    ray_runner.ensure_ray(None, num_workers=2, cpus_per_worker=0.5)
+    assert calls and "address" not in calls[0]
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
+
+
+def test_a_joined_cluster_keeps_ray_trains_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_ray(monkeypatch)
+    ray_runner.ensure_ray("10.0.0.1:6379", num_workers=2, cpus_per_worker=0.5)
+    assert calls[0]["address"] == "10.0.0.1:6379"
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
+    assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in os.environ
