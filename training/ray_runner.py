@@ -66,12 +66,14 @@ def _quiet_data_context() -> None:
     context.print_on_execution_start = False
 
 
+def _uncompressed_bytes(metadata: pq.FileMetaData) -> int:
+    """Uncompressed size of a Parquet file's columns, from its row groups' metadata."""
+    return sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+
+
 def encoded_mb(folder: Path) -> float:
     """Uncompressed size of the Parquet files under `folder` in MB, from their metadata."""
-    total = 0
-    for file in sorted(folder.rglob("*.parquet")):
-        metadata = pq.ParquetFile(file).metadata
-        total += sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    total = sum(_uncompressed_bytes(pq.ParquetFile(f).metadata) for f in folder.rglob("*.parquet"))
     return total / 2**20
 
 
@@ -95,8 +97,8 @@ def _driver_read_blocks(folder: Path, block_mb: float) -> list[ray.ObjectRef]:
         metadata = parquet.metadata
         if metadata.num_rows == 0:
             continue
-        raw = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
-        rows_per_block = max(1, int(block_mb * 2**20 * metadata.num_rows / max(raw, 1)))
+        raw = max(_uncompressed_bytes(metadata), 1)
+        rows_per_block = max(1, int(block_mb * 2**20 * metadata.num_rows / raw))
         for batch in parquet.iter_batches(batch_size=rows_per_block):
             refs.append(ray.put(pa.Table.from_batches([batch])))
     if not refs:
