@@ -123,7 +123,8 @@ STARTS: dict[str, tuple[str, tuple[str, ...]]] = {
 LOWRANK_RATIOS = (3.0, 4.0)
 PARTS = ("fixed", "dnis", "lowrank", "unified", "synthetic", "epochs", "finetune", "seeds")
 # unified / hashed budgets on ml100k-ctr, as fractions of the d=16 collisionless parameters
-ML100K_BUDGET_FRACTIONS = (0.25, 0.5)
+# (the smoke run takes the first); 1/8, 1/4, 1/2 and 1 are d=2's, d=4's, d=8's and d=16's counts
+ML100K_BUDGET_FRACTIONS = (0.25, 0.5, 0.125, 1.0)
 SYNTHETIC_ROWS = 1_000_000
 SYNTHETIC_DIMS = (4, 16)
 SYNTHETIC_BUDGET_FRACTIONS = (1 / 16, 1 / 4)  # of per-feature d=16; 1/4 is d=4's count
