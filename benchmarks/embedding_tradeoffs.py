@@ -127,7 +127,8 @@ PARTS = ("fixed", "dnis", "lowrank", "unified", "synthetic", "epochs", "finetune
 ML100K_BUDGET_FRACTIONS = (0.25, 0.5, 0.125, 1.0)
 SYNTHETIC_ROWS = 1_000_000
 SYNTHETIC_DIMS = (4, 16)
-SYNTHETIC_BUDGET_FRACTIONS = (1 / 16, 1 / 4)  # of per-feature d=16; 1/4 is d=4's count
+# of per-feature d=16's parameters; 1/4 and 1 are d=4's and d=16's counts
+SYNTHETIC_BUDGET_FRACTIONS = (1 / 16, 1 / 4, 1.0)
 SYNTHETIC_EPOCHS = 3
 SMOKE_SYNTHETIC_ROWS = 20_000
 SUMMARY_KEYS = (
