@@ -149,12 +149,21 @@ def train_dataset(folder: Path, cfg: ExperimentConfig) -> ray.data.Dataset:
 
 
 def ingest_options(cfg: ExperimentConfig) -> ExecutionOptions:
-    """Ray Train's default ingest options with the read-ahead capped at
-    `data.ingest_buffer_mb` per worker (see DataConfig)."""
-    options = DataConfig.default_ingest_options()
+    """Ray Train's default ingest options (the current DataContext's limits, order and
+    progress settings) with the read-ahead capped at `data.ingest_buffer_mb` per worker (see
+    DataConfig).
+
+    Built here rather than by `DataConfig.default_ingest_options()`: in Ray 2.60 that passes
+    the deprecated `exclude_resources` (always zero) and prints a RayDeprecationWarning on
+    every training run.
+    """
+    current = ray.data.DataContext.get_current().execution_options
     budget = cfg.data.ingest_buffer_mb * cfg.ray.num_workers * 2**20
-    options.resource_limits = options.resource_limits.copy(object_store_memory=budget)
-    return options
+    return ExecutionOptions(
+        resource_limits=current.resource_limits.copy(object_store_memory=budget),
+        preserve_order=current.preserve_order,
+        verbose_progress=current.verbose_progress,
+    )
 
 
 def ray_storage_path(run_dir: Path) -> Path:

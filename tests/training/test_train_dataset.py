@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+from ray.train import DataConfig
 
 from training import ray_runner
 from training.config import load_config
@@ -104,8 +106,15 @@ def test_blocks_are_cut_at_ingest_block_mb(
 
 def test_the_read_ahead_is_capped_per_worker() -> None:
     cfg = load_config(None, ["data.ingest_buffer_mb=8", "ray.num_workers=2"])
-    limits = ingest_options(cfg).resource_limits
-    assert limits.object_store_memory == 2 * 8 * 2**20
+    with warnings.catch_warnings():
+        # Ray's own default options pass this deprecated option and warn on every run
+        warnings.filterwarnings("error", message=".*exclude_resources")
+        options = ingest_options(cfg)
+    assert options.resource_limits.object_store_memory == 2 * 8 * 2**20
+    defaults = DataConfig.default_ingest_options()  # the rest as Ray Train would set it
+    assert options.resource_limits.cpu == defaults.resource_limits.cpu
+    assert options.preserve_order == defaults.preserve_order
+    assert options.verbose_progress == defaults.verbose_progress
 
 
 def _epoch_orders(folder: Path, seed: int, epochs: int = 2) -> list[list[int]]:
