@@ -5,7 +5,8 @@ Run by tests/training/test_sharding.py as a subprocess (`python dist_check.py OU
 default 8), so the spawned ranks import nothing from pytest. OUT_DIR must hold `features/` (a
 saved FeatureSchema) and `train.parquet`/`valid.parquet` (raw rows). Each rank writes
 `rank<r>.pt` with its plan, local shards, dense parameters, eval results; rank 0 also writes
-the gathered full state.
+the gathered full state. The first step is recorded apart: the full state before and after it
+and the gradients it left on unfused parameters.
 
 Then the ranks checkpoint (torch.distributed.checkpoint into OUT_DIR/ckpt), restore into a
 freshly built model and optimizer, and train the original and the restored copy on the same
@@ -38,6 +39,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _unfused_grads(dmp: Any) -> dict[str, torch.Tensor]:
+    """The gradients left on parameters after backward (the dense layers and the replicated
+    tables, after DDP's all-reduce; sharded tables update in backward and keep none), by
+    state-dict key."""
+    by_storage = {p.data_ptr(): p for p in dmp.parameters() if p.grad is not None}
+    return {
+        key: by_storage[value.data_ptr()].grad.detach().clone()
+        for key, value in dmp.state_dict().items()
+        if not hasattr(value, "local_shards") and value.data_ptr() in by_storage
+    }
 
 
 def _run(rank: int, out_dir: str, port: int, replicate_max_mb: float, dim: int) -> None:
@@ -83,7 +96,9 @@ def _run(rank: int, out_dir: str, port: int, replicate_max_mb: float, dim: int) 
         )
         return model, *shard_model(model, cfg, WORLD)
 
-    def train_steps(model: Any, dmp: Any, optimizer: Any, steps: range) -> None:
+    def train_steps(
+        model: Any, dmp: Any, optimizer: Any, steps: range, grads: dict[str, Any] | None = None
+    ) -> None:
         for step in steps:
             # each rank trains on its own rows, as Ray Data's split gives it
             rows = train.slice(((step * WORLD + rank) * BATCH) % train.num_rows, BATCH)
@@ -91,14 +106,20 @@ def _run(rank: int, out_dir: str, port: int, replicate_max_mb: float, dim: int) 
             loss = model.loss(dmp(batch.features), batch.labels)
             optimizer.zero_grad()
             loss.backward()
+            if grads is not None:
+                grads.update(_unfused_grads(dmp))
             optimizer.step()
 
     model, dmp, optimizer, plan = build()
     initial = {
         k: v.detach().clone() for k, v in dmp.state_dict().items() if not hasattr(v, "local_shards")
     }
+    start = gather_full_state(dmp, rank)
     train = schema.encode(pq.read_table(out / "train.parquet"))
-    train_steps(model, dmp, optimizer, range(STEPS))
+    first_grads: dict[str, Any] = {}
+    train_steps(model, dmp, optimizer, range(1), first_grads)
+    after_first = gather_full_state(dmp, rank)
+    train_steps(model, dmp, optimizer, range(1, STEPS))
     valid = schema.encode(pq.read_table(out / "valid.parquet"))
     valid = valid.append_column(ROW_COLUMN, pa.array(np.arange(valid.num_rows)))
     result = evaluate_distributed(
@@ -179,6 +200,7 @@ def _run(rank: int, out_dir: str, port: int, replicate_max_mb: float, dim: int) 
         "probs": result.probs,
         "metrics": result.metrics,
         "full_state": full,
+        "first_step": {"start": start, "grads": first_grads, "after": after_first},
         "checkpoint": record_checkpoint,
         "init_weights": record_init,
     }

@@ -20,7 +20,7 @@ import torch
 from recsys.data.movielens import ML100K_CTR_SCHEMA
 from recsys.embeddings import build_embedding
 from recsys.errors import ConfigError
-from recsys.features.batch import features_from_encoded
+from recsys.features.batch import batch_from_encoded, features_from_encoded
 from recsys.features.schema import fit_feature_schema
 from recsys.models.registry import build_model
 from tests.tiny_data import make_tiny_table
@@ -140,6 +140,46 @@ def test_gathered_state_scores_like_the_sharded_model(
     with torch.no_grad():
         probs = model.probabilities(model(features_from_encoded(schema, schema.encode(valid))))
     np.testing.assert_allclose(probs["ctr"].numpy(), ranks[0]["probs"]["ctr"], atol=1e-6)
+
+
+def test_the_first_step_is_the_unsharded_models_step_on_both_ranks_rows(
+    ranks: list[dict[str, Any]],
+) -> None:
+    """One step of the two ranks (64 rows each) against the plain model on all 128 rows: the
+    gradients left on the dense layers and replicated tables (DDP averages the ranks'
+    gradients) are the reference's, and each sharded table moved by exactly one row-wise
+    Adagrad step on the same averaged gradient (TorchRec averages over the ranks too; a sum
+    misses by the epsilon's share on rows with small gradients)."""
+    first = ranks[0]["first_step"]
+    train = make_tiny_table(num_rows=768, seed=1)
+    schema = fit_feature_schema(ML100K_CTR_SCHEMA, [train])
+    cfg = load_config(
+        None, ["model.num_layers=2", f"embedding.dim={ranks[0]['dim']}", "model.attention_dim=16"]
+    )
+    model = build_model(cfg.model, build_embedding(schema, cfg.embedding), schema)
+    model.load_state_dict(first["start"])
+    encoded = schema.encode(train)
+    batches = [batch_from_encoded(schema, encoded.slice(r * 64, 64)) for r in range(2)]
+    loss = sum(model.loss(model(b.features), b.labels) for b in batches) / 2
+    loss.backward()
+    reference = {key: p.grad for key, p in model.named_parameters()}
+
+    grads = first["grads"]
+    replicated = {t for t, kind in ranks[0]["plan"].items() if kind == "data_parallel"}
+    assert {k.split(".")[-2] for k in grads if ".embedding_bags." in k} == replicated
+    assert len(grads) > len(replicated)  # the dense layers too
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, reference[key], rtol=1e-4, atol=1e-7, msg=key)
+        torch.testing.assert_close(ranks[1]["first_step"]["grads"][key], grad, msg=key)
+
+    sharded = [t for t in ranks[0]["plan"] if t not in replicated]
+    for table in sharded:
+        key = next(k for k in first["start"] if k.endswith(f".embedding_bags.{table}.weight"))
+        grad = reference[key]
+        step = grad / ((grad**2).mean(dim=1, keepdim=True).sqrt() + cfg.train.table_eps)
+        expected = first["start"][key] - cfg.train.table_lr * step
+        assert not torch.equal(first["after"][key], first["start"][key]), key
+        torch.testing.assert_close(first["after"][key], expected, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_checkpoint_restores_weights_and_both_optimizers_exactly(
