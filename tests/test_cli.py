@@ -111,3 +111,28 @@ def test_subcommand_usage_error_exits_2(tmp_path: Path) -> None:
     result = _recsys("train", cwd=tmp_path)
     assert result.returncode == 2
     assert "the following arguments are required: --config" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("test", "expected"),
+    [
+        ({"domain_weighted_auc": 0.75}, "test domain_weighted_auc=0.7500 (select on auc)"),
+        (
+            {"ctr_auc": 0.9, "cvr_auc": 0.78, "ctcvr_auc": 0.88},
+            (
+                "test ctr_auc=0.9000 cvr_auc=0.7800 ctcvr_auc=0.8800 "
+                "(cvr on clicked rows; select on auc)"
+            ),
+        ),
+        ({"ctr_auc": 0.9}, None),  # a single-task model: the headline line has it already
+    ],
+)
+def test_train_prints_the_extra_test_metrics_with_a_note_that_fits_them(
+    capsys: pytest.CaptureFixture[str], test: dict[str, float], expected: str | None
+) -> None:
+    from training.cli import _print_result
+
+    _print_result({"best_epoch": 3, "select_metric": "auc", "test": test})
+    lines = capsys.readouterr().out.splitlines()
+    extra = [line for line in lines if line.startswith("test ")]
+    assert extra == ([expected] if expected else [])

@@ -158,9 +158,8 @@ def _print_result(result: dict[str, Any]) -> None:
         if k in test and not (k == "ctr_auc" and "cvr_auc" not in test)
     ]
     if extra:
-        print(
-            f"test {' '.join(extra)} (cvr on clicked rows; select on {result.get('select_metric')})"
-        )
+        note = "cvr on clicked rows; " if "cvr_auc" in test else ""
+        print(f"test {' '.join(extra)} ({note}select on {result.get('select_metric')})")
     print(
         f"artifact: {result.get('artifact')} (parity max |diff| "
         f"{result.get('parity_max_abs_diff', float('nan')):.1e} on "
