@@ -77,4 +77,3 @@ def test_only_the_known_library_warnings_are_dropped() -> None:
     assert "FutureWarning: other-library-future" in shown[0]
     assert "UserWarning: fbgemm::some_other_op" in shown[1]
     assert "UserWarning: Please use DTensor" in shown[2]
-
