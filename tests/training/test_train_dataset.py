@@ -1,12 +1,14 @@
 """The train split reaches the workers through Ray Data: read once into the object store when
 it is small (`data.materialize_max_mb`), streamed from Parquet every epoch otherwise; both give
 every row once per pass, in an order drawn from `train.seed` anew every epoch. Also the
-embedded Ray's Ray Train settings."""
+embedded Ray's Ray Train settings and state-API address."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,8 +152,13 @@ def _fake_ray(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
     calls: list[dict[str, object]] = []
     monkeypatch.setattr(ray_runner.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray_runner.ray, "init", lambda **kwargs: calls.append(kwargs))
-    for name in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"):
+    for name in (
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+        "RAY_API_SERVER_ADDRESS",
+    ):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(ray_runner, "_exported_api_address", None)
     return calls
 
 
@@ -164,6 +171,100 @@ def test_the_embedded_ray_has_no_preemption_watcher_and_polls_its_workers_often(
     assert calls and "address" not in calls[0]
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
+
+
+def test_the_embedded_rays_processes_are_told_its_own_dashboard_for_the_state_api(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = _fake_ray(monkeypatch)
+    ray_runner.ensure_ray(None, num_workers=2, cpus_per_worker=0.5)
+    port = calls[0]["dashboard_port"]
+    assert isinstance(port, int) and port > 0
+    assert calls[0]["dashboard_host"] == "127.0.0.1"
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{port}"
+    # A later embedded Ray in the same process (after ray.shutdown) replaces its own export.
+    ray_runner.ensure_ray(None, num_workers=2, cpus_per_worker=0.5)
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{calls[1]['dashboard_port']}"
+
+
+def test_a_users_own_state_api_address_stays(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_ray(monkeypatch)
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://10.0.0.1:8265")
+    ray_runner.ensure_ray(None, num_workers=2, cpus_per_worker=0.5)
+    assert calls
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://10.0.0.1:8265"
+
+
+# Starts an embedded Ray through ensure_ray, asks the state API from inside a Ray task (as Ray
+# Train's placement-group cleaner does, with no address) and prints the answer, then holds its
+# Ray up until stdin closes.
+_STATE_API_PROBE = """
+import sys
+import ray
+from training.ray_runner import ensure_ray
+
+ensure_ray(None, num_workers=2, cpus_per_worker=0.5)
+
+@ray.remote
+def probe():
+    from ray.util.state import list_actors
+    try:
+        list_actors(timeout=20)
+        return "state-api ok"
+    except Exception as error:
+        return f"state-api failed: {type(error).__name__}: {error}"
+
+print(ray.get(probe.remote()), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.slow
+def test_the_state_api_works_inside_an_embedded_ray_beside_another() -> None:
+    """Two `recsys train` runs on one machine start two embedded Rays. Ray's own address
+    lookup then finds both and fails, which stopped Ray Train's placement-group cleaner with a
+    "Found multiple active Ray instances" traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    first = _start_probe(env)
+    try:
+        assert _probe_answer(first) == "state-api ok"
+        second = _start_probe(env)
+        try:
+            assert _probe_answer(second) == "state-api ok"
+        finally:
+            _stop_probe(second)
+    finally:
+        _stop_probe(first)
+
+
+def _start_probe(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _STATE_API_PROBE],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def _probe_answer(process: subprocess.Popen[str]) -> str:
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("state-api"):
+            return line.strip()
+    raise AssertionError(f"the probe exited ({process.wait()}) without an answer")
+
+
+def _stop_probe(process: subprocess.Popen[str]) -> None:
+    assert process.stdin is not None
+    process.stdin.close()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def test_a_joined_cluster_keeps_ray_trains_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
