@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from recsys.artifact import load_artifact, resolve_version_dir, score_table
 from recsys.errors import ArtifactError, ConfigError, DataError
 from recsys.features.schema import FeatureSchema
+from recsys.logs import quiet_libraries
 from recsys.metrics import auc_by_group, binary_metrics
 from training.config import ExperimentConfig
 from training.data import (
@@ -231,6 +232,7 @@ class _BatchScorer:
     """Ray Data callable: loads the artifact once per actor, scores Arrow batches."""
 
     def __init__(self, artifact_dir: str, keep: list[str]) -> None:
+        quiet_libraries()  # a fresh actor process: drop the known library lines here too
         self.artifact = load_artifact(artifact_dir)
         self.keep = keep
 
@@ -271,6 +273,9 @@ def predict(
     schema = FeatureSchema.load(version_dir)
     for path in inputs:
         schema.dataset.validate_table(pq.read_schema(path), str(path), require_labels=False)
+    if sum(pq.read_metadata(path).num_rows for path in inputs) == 0:
+        names = ", ".join(str(path) for path in inputs)
+        raise DataError(f"predict: {names}: no rows to score (expected at least one)")
     ensure_ray(address, num_workers=1, cpus_per_worker=1)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     dataset = ray.data.read_parquet([str(p) for p in inputs]).map_batches(
@@ -290,7 +295,7 @@ def predict(
         writer.write_table(batch)
         rows += batch.num_rows
     if writer is None:
-        raise DataError(f"predict: {inputs} has no rows (expected at least one)")
+        raise DataError(f"predict: {', '.join(map(str, inputs))}: no rows to score")
     writer.close()
     tmp.replace(output)
     logger.info("wrote %d predictions to %s", rows, output)

@@ -153,7 +153,7 @@ def test_evaluate_a_parquet_file_the_artifact_has_no_metrics_for(
     subset = test.take(rows)
     pq.write_table(subset, work / "subset.parquet")
     out = work / "eval_subset"
-    _recsys(
+    result = _recsys(
         "evaluate",
         "--artifact",
         str(work / "repo" / "autoint_ml100k" / "1"),
@@ -171,6 +171,41 @@ def test_evaluate_a_parquet_file_the_artifact_has_no_metrics_for(
     expected = roc_auc_score(subset["click"].to_numpy(), predictions["p_ctr"].to_numpy())
     assert report["tasks"]["ctr"]["auc"] == pytest.approx(expected, abs=1e-12)
     assert report["num_rows"] == 3000
+    # the scoring actor drops the known library lines too (recsys/logs.py)
+    assert "is_fx_tracing will return true" not in result.stderr + result.stdout
+
+
+def test_predict_refuses_inputs_with_no_rows_before_starting_ray(
+    trained: dict[str, Any], ml100k_dir: Path
+) -> None:
+    work = trained["work"]
+    empty = work / "empty.parquet"
+    pq.write_table(pq.read_table(ml100k_dir / "test.parquet").slice(0, 0), empty)
+    output = work / "empty_predictions.parquet"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recsys.cli",
+            "predict",
+            "--artifact",
+            str(work / "repo" / "autoint_ml100k"),
+            "--input",
+            str(empty),
+            "--output",
+            str(output),
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: predict: {empty}: no rows to score (expected at least one)"
+    ]
+    assert not output.exists()
 
 
 def test_train_on_your_own_parquet_with_a_yaml_schema(tmp_path: Path) -> None:
