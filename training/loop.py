@@ -127,7 +127,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     dmp, optimizer, plan = shard_model(model, cfg, world)
     initial_lrs = [group["lr"] for group in optimizer.param_groups]
     if rank == 0:
-        logger.info("sharding plan:\n%s", plan)
+        logger.info("sharding plan:\n%s", str(plan).rstrip())
 
     progress = Progress(EarlyStopping(cfg.train.patience))
     best_state: dict[str, torch.Tensor] | None = None
