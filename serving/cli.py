@@ -193,6 +193,12 @@ def score(argv: list[str]) -> int:
     parser.add_argument("--batch-rows", type=int, default=256, help="rows per request (256)")
     parser.add_argument("--timeout-s", type=float, default=30.0, help="deadline per call (30 s)")
     parser.add_argument(
+        "--connect-timeout-s",
+        type=float,
+        default=10.0,
+        help="how long to wait for the server to accept the connection (10 s)",
+    )
+    parser.add_argument(
         "--auth-token-file",
         type=Path,
         default=None,
@@ -210,6 +216,19 @@ def score(argv: list[str]) -> int:
         token = _read_token(args.auth_token_file)
         lines = list(_json_lines(args.input))
         with ScoringClient(args.server, token, roots, timeout_s=args.timeout_s) as client:
+            # The calls wait for a connection until their deadline; without this a wrong
+            # --server (or a server not up yet) read as a bare DEADLINE_EXCEEDED after 30 s.
+            try:
+                grpc.channel_ready_future(client.channel).result(timeout=args.connect_timeout_s)
+            except grpc.FutureTimeoutError:
+                tls = " with TLS" if roots else " without TLS"
+                print(
+                    f"error: score: no server accepted a connection{tls} at {args.server} within "
+                    f"{args.connect_timeout_s:g} s (is `recsys serve` running there? check "
+                    "--server, and --tls-root for a TLS server)",
+                    file=sys.stderr,
+                )
+                return 1
             try:
                 if args.ranking:
                     for where, line in lines:

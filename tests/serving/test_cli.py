@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -156,6 +157,32 @@ def test_recsys_serve_logs_its_own_progress_without_library_info_lines(
     assert "INFO serving" in stderr  # the server's own progress still shows
     assert "Successfully loaded" not in stderr
     assert "Traceback" not in stderr
+
+
+def test_score_names_the_address_when_no_server_answers(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text('{"user_id": "1"}\n')
+    result = _recsys(
+        "score",
+        "--server",
+        address,
+        "--model",
+        MODEL_NAME,
+        "--input",
+        rows_file,
+        "--connect-timeout-s",
+        "1",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stderr
+    expected = (
+        f"error: score: no server accepted a connection without TLS at {address} within 1 s "
+        "(is `recsys serve` running there? check --server, and --tls-root for a TLS server)"
+    )
+    assert result.stderr.strip().splitlines() == [expected]
 
 
 @pytest.mark.slow
