@@ -277,6 +277,14 @@ class ModelManager:
         """Scans the repository once: loads new versions, evicts old ones, updates statuses."""
         async with self._refresh_lock:
             on_disk = await asyncio.to_thread(self._scan)
+            if not on_disk and not self._initial_scan_done:
+                logger.warning(
+                    "model manager: %s holds no model versions yet (expected "
+                    "<name>/<version>/ folders as `recsys train` writes them); health stays "
+                    "NOT_SERVING until one appears (scanned every %gs)",
+                    self.model_repo,
+                    self.poll_interval_s,
+                )
             for name in sorted(on_disk):
                 if name not in self._status:
                     await self._set_status(name, False)

@@ -162,7 +162,14 @@ async def create_server(cfg: ServerConfig, models: ModelManager) -> tuple[grpc.a
             address,
         )
     if cfg.metrics_port is not None:
-        models.metrics.start_http(cfg.host, cfg.metrics_port)
+        try:
+            models.metrics.start_http(cfg.host, cfg.metrics_port)
+        except OSError as e:
+            raise ConfigError(
+                f"serve: could not bind the metrics port {cfg.host}:{cfg.metrics_port} "
+                f"({e.strerror}); is the port taken? pass another --metrics-port (0 picks a "
+                "free one)"
+            ) from e
     _RUNTIMES[server] = _Runtime(cfg, models, health, interceptor)
     await models.start()
     logger.info("serve: bound %s:%d (model repository %s)", cfg.host, port, cfg.model_repo)

@@ -346,6 +346,21 @@ def test_serve_config_errors_are_one_line(
     assert message in error and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+def test_serve_on_a_taken_port_is_one_line(repo: Path, tmp_path: Path, flag: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other = "--metrics-port" if flag == "--port" else "--port"
+        result = _recsys("serve", "--model-repo", repo, flag, port, other, "0", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    (error,) = _error_lines(result.stderr)
+    assert f"could not bind {'the metrics port ' if flag == '--metrics-port' else ''}" in error
+    assert f"127.0.0.1:{port}" in error and "is the port taken?" in error
+
+
 def test_serve_without_a_repository_is_one_line(tmp_path: Path) -> None:
     result = _recsys("serve", "--model-repo", tmp_path / "missing", "--port", "0", cwd=tmp_path)
     assert result.returncode == 2

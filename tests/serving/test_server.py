@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -189,14 +190,23 @@ def test_health_is_not_serving_until_the_model_is_loaded_and_warm(
 
 
 def test_an_empty_repository_is_not_serving_until_a_model_arrives(
-    tmp_path: Path, start_server: StartServer, tiny_schema: FeatureSchema, tiny_table: pa.Table
+    tmp_path: Path,
+    start_server: StartServer,
+    tiny_schema: FeatureSchema,
+    tiny_table: pa.Table,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     repo = tmp_path / "empty"
     repo.mkdir()
+    caplog.set_level(logging.WARNING, logger="serving")
     server = start_server(repo)
     with server.client() as client:
         wait_until(lambda: server.models.statuses.get("") is False, "the first scan")
         assert client.health("") == "NOT_SERVING"
+        # one warning says why, on the first scan only (the poll runs every 0.2 s here)
+        time.sleep(0.6)
+        empty = [r for r in caplog.records if "holds no model versions yet" in r.getMessage()]
+        assert len(empty) == 1 and str(repo) in empty[0].getMessage()
         with pytest.raises(grpc.RpcError) as call:
             client.score_rows(MODEL_NAME, _inputs(tiny_schema, tiny_table, 1))
         assert _code(call) == grpc.StatusCode.NOT_FOUND
