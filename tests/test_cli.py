@@ -106,6 +106,37 @@ def test_evaluate_missing_artifact_exits_2_with_artifact_error(tmp_path: Path) -
     assert not output.exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rows", "0"], "error: data prepare: --rows must be at least 1 (got 0)"),
+        (["--seed", "-1"], "error: data prepare: --seed must be in [0, 2**64) (got -1)"),
+    ],
+)
+def test_data_prepare_out_of_range_arguments_are_one_error_line(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    out = tmp_path / "synthetic"
+    result = _recsys("data", "prepare", "synthetic-ctr", "--out", out, *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert _error_lines(result.stderr) == [message]
+    assert not out.exists()
+
+
+def test_data_prepare_refuses_to_write_over_generated_shards(tmp_path: Path) -> None:
+    out = tmp_path / "synthetic"
+    first = _recsys("data", "prepare", "synthetic-ctr", "--rows", "50", "--out", out, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    again = _recsys("data", "prepare", "synthetic-ctr", "--rows", "50", "--out", out, cwd=tmp_path)
+    assert again.returncode == 2, again.stderr
+    assert "Traceback" not in again.stderr
+    (error,) = _error_lines(again.stderr)
+    assert f"{out / 'train'} already holds Parquet shards" in error and "--out" in error
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == before
+
+
 def test_subcommand_usage_error_exits_2(tmp_path: Path) -> None:
     # argparse's own errors (a missing required flag) keep its exit code 2 and usage line
     result = _recsys("train", cwd=tmp_path)

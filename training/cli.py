@@ -71,9 +71,16 @@ def data(argv: list[str]) -> int:
         else:
             from recsys.data.synthetic import generate_synthetic_ctr
 
-            info = generate_synthetic_ctr(
-                out, num_rows=args.rows, seed=args.seed, show_progress=True
-            )
+            if args.rows < 1:
+                raise ConfigError(f"data prepare: --rows must be at least 1 (got {args.rows})")
+            if not 0 <= args.seed < 2**64:
+                raise ConfigError(f"data prepare: --seed must be in [0, 2**64) (got {args.seed})")
+            try:
+                info = generate_synthetic_ctr(
+                    out, num_rows=args.rows, seed=args.seed, show_progress=True
+                )
+            except FileExistsError as e:  # its message names the folder and the fix
+                raise DataError(str(e).replace("out_dir", "--out")) from e
             counts = dict(info.split_rows)
         print(f"{args.dataset} ready in {out}: {counts}")
         return 0
