@@ -22,6 +22,7 @@ from ray.data import ExecutionOptions, FileShuffleConfig, RandomSeedConfig
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from recsys.errors import ConfigError
 from training.config import ExperimentConfig
 from training.loop import RunPaths
 from training.worker import train_loop_entry
@@ -35,6 +36,7 @@ def ensure_ray(address: str | None, num_workers: int, cpus_per_worker: float) ->
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if address:
+        check_reachable(address)
         ray.init(address=address, log_to_driver=True)
         return
     # The embedded Ray is this machine alone: no node is drained or preempted, so Ray Train's
@@ -60,6 +62,37 @@ def ensure_ray(address: str | None, num_workers: int, cpus_per_worker: float) ->
         configure_logging=True,
         logging_level=logging.WARNING,
     )
+
+
+# How long a joined cluster's address may take to accept a TCP connection.
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str) -> None:
+    """Raises ConfigError unless `address` (host:port or ray://host:port) accepts a TCP
+    connection within CONNECT_TIMEOUT_S; "auto" and "local" are left to Ray.
+
+    Written here because `ray.init` retries an unreachable address 20 times, about 40 s
+    each, printing three warnings per try: a mistyped --address hung for about 14 minutes."""
+    if address in ("auto", "local"):
+        return
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(
+            f"ray.address: {address!r} is not host:port (e.g. 10.0.0.1:6379, the head's "
+            "GCS port) nor ray://host:port, auto or local"
+        )
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ConfigError(
+            f"ray.address: nothing accepts connections at {address} ({reason}); check the "
+            "head's address and port (`ray status` on the head), or leave --address out to "
+            "run on an embedded local Ray"
+        ) from e
 
 
 # The state-API address this module last exported, so that a later embedded Ray in the same

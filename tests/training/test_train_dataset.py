@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import warnings
@@ -19,6 +20,7 @@ import pytest
 import ray
 from ray.train import DataConfig
 
+from recsys.errors import ConfigError
 from training import ray_runner
 from training.config import load_config
 from training.ray_runner import encoded_mb, ingest_options, train_dataset
@@ -269,7 +271,34 @@ def _stop_probe(process: subprocess.Popen[str]) -> None:
 
 def test_a_joined_cluster_keeps_ray_trains_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _fake_ray(monkeypatch)
+    monkeypatch.setattr(ray_runner, "check_reachable", lambda address: None)
     ray_runner.ensure_ray("10.0.0.1:6379", num_workers=2, cpus_per_worker=0.5)
     assert calls[0]["address"] == "10.0.0.1:6379"
     assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
     assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in os.environ
+
+
+def test_an_address_that_accepts_connections_passes_the_check() -> None:
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        port = head.getsockname()[1]
+        ray_runner.check_reachable(f"127.0.0.1:{port}")
+        ray_runner.check_reachable(f"ray://127.0.0.1:{port}")
+    ray_runner.check_reachable("auto")  # left to Ray (`ray job submit` sets it)
+
+
+def test_an_unreachable_address_fails_at_once_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+    calls = _fake_ray(monkeypatch)
+    with pytest.raises(ConfigError, match=rf"nothing accepts connections at {address} \("):
+        ray_runner.ensure_ray(address, num_workers=2, cpus_per_worker=0.5)
+    assert calls == []  # Ray was not asked to connect
+
+
+@pytest.mark.parametrize("address", ["10.0.0.1", "10.0.0.1:port", ":6379", "ray://head"])
+def test_a_malformed_address_is_refused(address: str) -> None:
+    with pytest.raises(ConfigError, match="is not host:port"):
+        ray_runner.check_reachable(address)
