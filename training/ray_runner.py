@@ -9,9 +9,11 @@ new `fit()` with the same run name resumes from it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -52,16 +54,16 @@ def ensure_ray(address: str | None, num_workers: int, cpus_per_worker: float) ->
     # The dashboard serves the state API, which Ray Train's placement-group cleaner polls (it
     # warns every few seconds without it); it listens on loopback only.
     dashboard_port = _free_loopback_port()
-    _point_state_api_at(f"http://127.0.0.1:{dashboard_port}")
-    ray.init(
-        num_cpus=logical,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=dashboard_port,
-        log_to_driver=True,
-        configure_logging=True,
-        logging_level=logging.WARNING,
-    )
+    with _state_api_for_ray_processes(f"http://127.0.0.1:{dashboard_port}"):
+        ray.init(
+            num_cpus=logical,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level=logging.WARNING,
+        )
 
 
 # How long a joined cluster's address may take to accept a TCP connection.
@@ -95,32 +97,34 @@ def check_reachable(address: str) -> None:
         ) from e
 
 
-# The state-API address this module last exported, so that a later embedded Ray in the same
-# process (tests start several) replaces it while a user's own setting stays.
-_exported_api_address: str | None = None
-
-
 def _free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
 
 
-def _point_state_api_at(url: str) -> None:
-    """Exports RAY_API_SERVER_ADDRESS=`url` (this embedded Ray's dashboard) before Ray starts,
-    so that every Ray process inherits it.
+@contextlib.contextmanager
+def _state_api_for_ray_processes(url: str) -> Iterator[None]:
+    """RAY_API_SERVER_ADDRESS=`url` (the embedded Ray's dashboard) while Ray starts, so that
+    the processes it starts, and the workers they start later, inherit it; this process's
+    environment is restored afterwards.
 
     Ray Train's placement-group cleaner (a detached actor) polls the state API with no
     address, and Ray then looks for a running cluster on this machine: with a second Ray
     instance running (another `recsys train`, a benchmark) it fails with "Found multiple
     active Ray instances", printing a traceback, and stops watching. The variable is the
-    state API's own override; `ray.init` does not read it, so the embedded start is unchanged."""
-    global _exported_api_address
-    current = os.environ.get("RAY_API_SERVER_ADDRESS")
-    if current is not None and current != _exported_api_address:
-        return  # the user's own setting
-    os.environ["RAY_API_SERVER_ADDRESS"] = url
-    _exported_api_address = url
+    state API's own override (it wins over any address) and `ray.init` does not read it. A
+    value already set is meant for some other cluster, so Ray's processes get this one."""
+    name = "RAY_API_SERVER_ADDRESS"
+    previous = os.environ.get(name)
+    os.environ[name] = url
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def _quiet_data_context() -> None:

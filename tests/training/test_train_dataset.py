@@ -153,14 +153,19 @@ def test_the_seed_fixes_every_epochs_block_order(
 def _fake_ray(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
     calls: list[dict[str, object]] = []
     monkeypatch.setattr(ray_runner.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray_runner.ray, "init", lambda **kwargs: calls.append(kwargs))
+
+    def init(**kwargs: object) -> None:
+        # with the state-API override the Ray processes it starts would inherit
+        calls.append({**kwargs, "env": os.environ.get("RAY_API_SERVER_ADDRESS")})
+
+    monkeypatch.setattr(ray_runner.ray, "init", init)
     for name in (
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
         "RAY_API_SERVER_ADDRESS",
     ):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(ray_runner, "_exported_api_address", None)
+        monkeypatch.setenv(name, "")  # so that the test's end restores the variable
+        monkeypatch.delenv(name)
     return calls
 
 
@@ -183,17 +188,17 @@ def test_the_embedded_rays_processes_are_told_its_own_dashboard_for_the_state_ap
     port = calls[0]["dashboard_port"]
     assert isinstance(port, int) and port > 0
     assert calls[0]["dashboard_host"] == "127.0.0.1"
-    assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{port}"
-    # A later embedded Ray in the same process (after ray.shutdown) replaces its own export.
-    ray_runner.ensure_ray(None, num_workers=2, cpus_per_worker=0.5)
-    assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{calls[1]['dashboard_port']}"
+    assert calls[0]["env"] == f"http://127.0.0.1:{port}"
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ  # this process's environment is kept
 
 
-def test_a_users_own_state_api_address_stays(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_state_api_address_set_for_another_cluster_is_kept_here_not_in_ray(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     calls = _fake_ray(monkeypatch)
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://10.0.0.1:8265")
     ray_runner.ensure_ray(None, num_workers=2, cpus_per_worker=0.5)
-    assert calls
+    assert calls[0]["env"] == f"http://127.0.0.1:{calls[0]['dashboard_port']}"
     assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://10.0.0.1:8265"
 
 
