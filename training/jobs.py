@@ -256,6 +256,15 @@ def _kept_columns(schema: FeatureSchema) -> list[str]:
     return list(dict.fromkeys(keep))
 
 
+def _parquet_schema_and_rows(path: Path) -> tuple[pa.Schema, int]:
+    if not path.is_file():
+        raise DataError(f"predict: input {path} is not a file (expected a Parquet file)")
+    try:
+        return pq.read_schema(path), pq.read_metadata(path).num_rows
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"predict: input {path} is not a readable Parquet file ({e})") from e
+
+
 def predict(
     artifact: Path,
     inputs: list[Path],
@@ -271,9 +280,12 @@ def predict(
 
     version_dir = resolve_version_dir(artifact)
     schema = FeatureSchema.load(version_dir)
+    rows_in = 0
     for path in inputs:
-        schema.dataset.validate_table(pq.read_schema(path), str(path), require_labels=False)
-    if sum(pq.read_metadata(path).num_rows for path in inputs) == 0:
+        columns, rows = _parquet_schema_and_rows(path)
+        schema.dataset.validate_table(columns, str(path), require_labels=False)
+        rows_in += rows
+    if rows_in == 0:
         names = ", ".join(str(path) for path in inputs)
         raise DataError(f"predict: {names}: no rows to score (expected at least one)")
     ensure_ray(address, num_workers=1, cpus_per_worker=1)
@@ -371,9 +383,8 @@ def evaluate(
                 )
             data_path = Path(stored["path"])
         inputs = split_files(data_path, split)
-    output.mkdir(parents=True, exist_ok=True)
     predictions = output / "predictions.parquet"
-    predict(version_dir, inputs, predictions, address=address)
+    predict(version_dir, inputs, predictions, address=address)  # makes `output`
     schema = FeatureSchema.load(version_dir)
     report = metrics_from_predictions(schema, pq.read_table(predictions))
     report.update(
