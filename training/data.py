@@ -82,11 +82,18 @@ def locate_dataset(config: DataConfig, prepare: bool = True) -> SplitFiles:
     if config.dataset in MOVIELENS_TASKS and prepare:
         prepare_movielens(config.dataset, root, data_dir=data_dir, show_progress=True)
     schema_path = Path(config.schema_file) if config.schema_file else root / "schema.yaml"
+    if config.dataset == "parquet":
+        fix = "set data.path to your folder and data.schema_file to its YAML DatasetSchema"
+    else:
+        fix = f"run `recsys data prepare {config.dataset} --out {root}` or fix data.path"
+    if not root.is_dir():
+        raise DataError(
+            f"data: {root} is not a folder (expected the dataset's train/valid/test Parquet "
+            f"under it); {fix}"
+        )
     if not schema_path.exists():
         raise DataError(
-            f"data: schema file {schema_path} not found (expected a YAML "
-            f"DatasetSchema); for your own Parquet set data.schema_file, for the "
-            f"built-in datasets run `recsys data prepare {config.dataset}`"
+            f"data: schema file {schema_path} not found (expected a YAML DatasetSchema); {fix}"
         )
     schema = DatasetSchema.from_yaml(schema_path)
     return SplitFiles(schema, root, {s: split_files(root, s) for s in SPLITS})

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsys.errors import ConfigError
+from recsys.errors import ConfigError, DataError
 from training.config import ExperimentConfig, load_config
 from training.data import (
     ROW_COLUMN,
@@ -124,3 +124,26 @@ def test_iter_tables_streams_bounded_chunks(tmp_path: Path) -> None:
     chunks = list(iter_tables([tmp_path / "a.parquet"], batch_rows=64))
     assert max(c.num_rows for c in chunks) == 64
     assert sum(c.num_rows for c in chunks) == 1000
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fix"),
+    [
+        (["data.dataset=parquet", "data.path={missing}"], "set data.path to your folder and"),
+        (["data.dataset=synthetic-ctr", "data.path={missing}"], "run `recsys data prepare"),
+    ],
+)
+def test_a_missing_dataset_folder_names_it_and_the_fix(
+    tmp_path: Path, overrides: list[str], fix: str
+) -> None:
+    missing = tmp_path / "nowhere"
+    config = load_config(None, [o.format(missing=missing) for o in overrides])
+    with pytest.raises(DataError, match="is not a folder") as error:
+        locate_dataset(config.data)
+    assert str(missing) in str(error.value) and fix in str(error.value)
+
+
+def test_a_folder_without_its_schema_names_the_schema_file(tmp_path: Path) -> None:
+    config = load_config(None, ["data.dataset=parquet", f"data.path={tmp_path}"])
+    with pytest.raises(DataError, match=r"schema file .*schema\.yaml not found"):
+        locate_dataset(config.data)
