@@ -15,10 +15,12 @@ import asyncio
 import json
 import logging
 import signal
+import ssl
 import sys
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -145,6 +147,7 @@ async def create_server(cfg: ServerConfig, models: ModelManager) -> tuple[grpc.a
     try:
         if cfg.use_tls:
             assert cfg.tls_cert_file is not None and cfg.tls_key_file is not None
+            _check_tls_pair(cfg.tls_cert_file, cfg.tls_key_file)
             credentials = grpc.ssl_server_credentials(
                 [(cfg.tls_key_file.read_bytes(), cfg.tls_cert_file.read_bytes())]
             )
@@ -174,6 +177,21 @@ async def create_server(cfg: ServerConfig, models: ModelManager) -> tuple[grpc.a
     await models.start()
     logger.info("serve: bound %s:%d (model repository %s)", cfg.host, port, cfg.model_repo)
     return server, port
+
+
+def _check_tls_pair(cert: Path, key: Path) -> None:
+    """Raises ConfigError unless `cert` and `key` are a readable PEM chain and its unencrypted
+    private key. grpc reports a bad pair only as a failure to bind the port."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        # an encrypted key gets an empty password (grpc cannot use one) instead of a prompt
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except OSError as e:  # ssl.SSLError is an OSError
+        reason = e.strerror or getattr(e, "reason", None) or str(e)
+        raise ConfigError(
+            f"serve: TLS: --tls-cert {cert} and --tls-key {key} are not a PEM certificate "
+            f"chain and its unencrypted private key ({reason})"
+        ) from e
 
 
 async def shutdown(server: grpc.aio.Server, grace_s: float | None = None) -> None:
