@@ -287,6 +287,11 @@ def _print_ranking(client: Any, model: str, version: int, where: str, line: dict
             f"score: {where} has keys {sorted(line)} (expected 'context', 'item_ids' and "
             "optionally 'candidate_features')"
         )
+    if not isinstance(line["item_ids"], list) or not line["item_ids"]:
+        raise DataError(
+            f"score: {where}: item_ids is {json.dumps(line['item_ids'])} (expected a non-empty "
+            "list of candidate item ids)"
+        )
     try:
         result = client.rank(
             model,

@@ -248,6 +248,24 @@ def test_score_prints_json_lines_for_rows_and_ranking(
     assert "INVALID_ARGUMENT" in error and "feature 'genre'" in error
     assert "Traceback" not in result.stderr
 
+    no_items = json.dumps({"context": {"user_id": user}, "item_ids": []})
+    result = _recsys(
+        "score",
+        "--server",
+        server.address,
+        "--model",
+        MODEL_NAME,
+        "--input",
+        "-",
+        "--ranking",
+        cwd=tmp_path,
+        stdin=no_items + "\n",
+    )
+    assert result.returncode == 2
+    assert _error_lines(result.stderr) == [
+        "error: score: -:1: item_ids is [] (expected a non-empty list of candidate item ids)"
+    ]
+
 
 @pytest.fixture
 def artifact_with_data(tmp_path: Path, tiny_schema: FeatureSchema, tiny_table: pa.Table) -> Path:
