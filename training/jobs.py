@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -151,6 +152,9 @@ def resolve_run(cfg: ExperimentConfig) -> tuple[ExperimentConfig, Path]:
         }
     )
     cfg = cfg.model_copy(update={"output": output})
+    # Checked here, before any work: the artifact is only written after training.
+    _usable_folder(Path(output.run_root), "output.run_root")
+    _usable_folder(Path(output.model_repo), "output.model_repo")
     run_dir = Path(cfg.output.run_root) / run_name
     config_file = run_dir / CONFIG_FILE
     if config_file.exists():
@@ -168,6 +172,18 @@ def resolve_run(cfg: ExperimentConfig) -> tuple[ExperimentConfig, Path]:
         config_file.write_text(cfg.model_dump_json(indent=2))
         logger.info("run folder %s", run_dir)
     return cfg, run_dir
+
+
+def _usable_folder(path: Path, setting: str) -> None:
+    """Creates `path` if needed; raises ConfigError unless it is a folder this user can write."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"{setting}: cannot use {path} as a folder ({e.strerror}); set --set {setting}=DIR"
+        ) from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{setting}: {path} is not writable; set --set {setting}=DIR")
 
 
 def _config_changes(stored: ExperimentConfig, new: ExperimentConfig) -> list[str]:

@@ -147,3 +147,17 @@ def test_a_folder_without_its_schema_names_the_schema_file(tmp_path: Path) -> No
     config = load_config(None, ["data.dataset=parquet", f"data.path={tmp_path}"])
     with pytest.raises(DataError, match=r"schema file .*schema\.yaml not found"):
         locate_dataset(config.data)
+
+
+@pytest.mark.parametrize("setting", ["output.model_repo", "output.run_root"])
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(
+    tmp_path: Path, ml100k_dir: Path, setting: str
+) -> None:
+    """The artifact is written only after training: a model_repo that cannot be a folder
+    used to fail every attempt at export, after the whole run."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cfg = _config(tmp_path, ml100k_dir, f"{setting}={blocker}")
+    with pytest.raises(ConfigError, match=rf"{setting}: cannot use {blocker} as a folder"):
+        resolve_run(cfg)
+    assert not (tmp_path / "runs" / "r1").exists()  # no run folder claimed
