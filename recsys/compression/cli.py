@@ -178,6 +178,13 @@ def compress(argv: list[str]) -> int:
         version_dir = resolve_version_dir(args.artifact)
         artifact = load_artifact(version_dir)
         options = _options(args)
+        if args.model_repo is not None:  # written at the end: checked before the work
+            try:
+                args.model_repo.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(
+                    f"--model-repo: cannot use {args.model_repo} as a folder ({e.strerror})"
+                ) from e
         data_info, splits = _locate_data(args, artifact.metrics)
         _say(f"compressing {version_dir} with data from {data_info['path']}")
         return _compress(artifact, options, splits, data_info, version_dir, args)

@@ -426,3 +426,9 @@ def test_recsys_compress_reports_user_errors_on_one_line(
     assert "target ratio 1000 is out of reach" in err and "Traceback" not in err
     assert [p.name for p in source.parent.iterdir()] == ["1"]  # nothing written
     assert compress(["--artifact", str(tmp_path / "missing"), "--energy", "0.9"]) == 2
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code = compress(["--artifact", str(source), "--energy", "0.9", "--model-repo", str(blocker)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"--model-repo: cannot use {blocker} as a folder" in err and "Traceback" not in err
