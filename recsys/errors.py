@@ -20,3 +20,7 @@ class ArtifactError(RuntimeError):
 
 class DataError(RuntimeError):
     """A dataset could not be obtained or failed its checksum."""
+
+
+class Interrupted(RuntimeError):
+    """A long job was stopped by the user (Ctrl-C); the message says what it kept."""

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from recsys.errors import ArtifactError, ConfigError, DataError, SchemaError
+from recsys.errors import ArtifactError, ConfigError, DataError, Interrupted, SchemaError
 from recsys.logs import configure_logging
 
 if TYPE_CHECKING:  # the config module imports torch-side code; the CLI loads it lazily
@@ -30,6 +30,12 @@ def _run(fn: Callable[[], int]) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130  # the shell's code for a job stopped by SIGINT
+    except KeyboardInterrupt:
+        print("interrupted: stopped by the user (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 def data(argv: list[str]) -> int:

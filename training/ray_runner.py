@@ -24,7 +24,7 @@ from ray.data import ExecutionOptions, FileShuffleConfig, RandomSeedConfig
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from recsys.errors import ConfigError
+from recsys.errors import ConfigError, Interrupted
 from training.config import ExperimentConfig
 from training.loop import RunPaths
 from training.worker import train_loop_entry
@@ -273,6 +273,16 @@ def run_trainer(cfg: ExperimentConfig, paths: RunPaths) -> None:
             worker_runtime_env={"env_vars": env},
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except (KeyboardInterrupt, SystemExit) as e:
+        # Ray Train's own Ctrl-C handler aborts the run, then raises SystemExit (or, on the
+        # third Ctrl-C, exits at once); before fit() registers it, Python's KeyboardInterrupt.
+        name = Path(paths.run_dir).name
+        raise Interrupted(
+            f"training run {name} stopped by the user (Ctrl-C); its checkpoints stay in "
+            f"{ray_storage_path(Path(paths.run_dir)) / name}; for `recsys train`, the same "
+            f"command with --set output.run_name={name} resumes it"
+        ) from e
     if result.error is not None:
         raise result.error

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -252,3 +254,49 @@ def test_train_on_your_own_parquet_with_a_yaml_schema(tmp_path: Path) -> None:
     assert len(artifact.schema.dense) == 13 and len(artifact.schema.sparse) == 26
     # the planted signal is learned: well above chance, at or below the oracle
     assert 0.6 < result["test_auc"] <= info["oracle_test_auc"] + 0.01
+
+
+def test_ctrl_c_stops_training_with_a_line_that_says_how_to_resume(
+    ml100k_dir: Path, tmp_path: Path
+) -> None:
+    """Ray Train's own SIGINT handler aborts the run and exits; the command says so, keeps the
+    run folder, and exits 130 like any job stopped by SIGINT."""
+    args = ["train", "--config", str(REPO / "configs" / "autoint_ml100k.yaml")]
+    for override in (
+        f"data.path={ml100k_dir}",
+        "train.max_epochs=50",
+        "train.patience=50",
+        "output.run_root=runs",
+        "output.model_repo=repo",
+        "output.run_name=stopped",
+    ):
+        args += ["--set", override]
+    log = tmp_path / "console.txt"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "recsys.cli", *args],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            deadline = time.monotonic() + 600
+            while "eval  epoch=1 " not in log.read_text():
+                assert process.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no epoch finished in 600 s"
+                time.sleep(0.5)
+            process.send_signal(signal.SIGINT)
+            code = process.wait(timeout=300)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    console = log.read_text()
+    assert code == 130, console[-3000:]
+    (line,) = [line for line in console.splitlines() if line.startswith("interrupted:")]
+    assert "training run stopped stopped by the user (Ctrl-C)" in line
+    assert "--set output.run_name=stopped resumes it" in line
+    assert "Traceback" not in console
+    assert (tmp_path / "runs" / "stopped" / "config.json").exists()  # the run folder stays
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
