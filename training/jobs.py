@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recsys.artifact import load_artifact, resolve_version_dir, score_table
+from recsys.artifact import load_artifact, resolve_version_dir, score_table, verify_artifact
 from recsys.errors import ArtifactError, ConfigError, DataError
 from recsys.features.schema import FeatureSchema
 from recsys.logs import quiet_libraries
@@ -295,6 +295,7 @@ def predict(
     from training.ray_runner import ensure_ray
 
     version_dir = resolve_version_dir(artifact)
+    verify_artifact(version_dir)  # here, not as a traceback from inside a Ray actor
     schema = FeatureSchema.load(version_dir)
     rows_in = 0
     for path in inputs:
@@ -387,6 +388,7 @@ def evaluate(
     """Predicts `split` of the artifact's dataset (or `inputs`), then recomputes metrics from
     those fresh predictions into `output/metrics.json`."""
     version_dir = resolve_version_dir(artifact)
+    verify_artifact(version_dir)  # here, not as a traceback from inside a Ray actor
     if inputs is None:
         if split is None:
             raise ConfigError("evaluate: give --split or --input (got neither)")
@@ -398,6 +400,11 @@ def evaluate(
                     f"pass --data-path (the folder with {split}.parquet)"
                 )
             data_path = Path(stored["path"])
+            if not data_path.is_dir():
+                raise DataError(
+                    f"evaluate: the artifact's dataset folder {data_path} is gone; pass "
+                    f"--data-path with the folder that holds {split}.parquet or {split}/*.parquet"
+                )
         inputs = split_files(data_path, split)
     predictions = output / "predictions.parquet"
     predict(version_dir, inputs, predictions, address=address)  # makes `output`

@@ -20,7 +20,7 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
-from recsys.artifact import load_artifact
+from recsys.artifact import load_artifact, write_artifact
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -254,6 +254,54 @@ def test_train_on_your_own_parquet_with_a_yaml_schema(tmp_path: Path) -> None:
     assert len(artifact.schema.dense) == 13 and len(artifact.schema.sparse) == 26
     # the planted signal is learned: well above chance, at or below the oracle
     assert 0.6 < result["test_auc"] <= info["oracle_test_auc"] + 0.01
+
+
+def test_a_tampered_artifact_or_a_moved_dataset_is_one_error_line(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    """Both are checked before Ray starts: a changed file failed the checksum inside the
+    scoring actor (a Ray traceback), and a dataset folder that moved was reported as a
+    missing split with no word of --data-path."""
+    source = load_artifact(trained["result"]["artifact"])
+    moved = write_artifact(
+        tmp_path / "repo",
+        "moved",
+        source.model,
+        source.model_config,
+        source.embedding_config,
+        source.schema,
+        {"data": {"dataset": "ml100k-ctr", "path": str(tmp_path / "gone")}},
+    )
+    result = _run_recsys(
+        "evaluate", "--artifact", str(moved), "--split", "test", "--output", "out", cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: evaluate: the artifact's dataset folder {tmp_path / 'gone'}")
+    assert "--data-path" in line
+
+    (moved / "metrics.json").write_text("{}")
+    for command in (
+        ["evaluate", "--split", "test", "--data-path", str(tmp_path), "--output", "out"],
+        ["predict", "--input", str(tmp_path / "x.parquet"), "--output", "x.parquet"],
+    ):
+        result = _run_recsys(command[0], "--artifact", str(moved), *command[1:], cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: artifact {moved}: checksum mismatch for metrics.json")
+    assert not (tmp_path / "out").exists()
+
+
+def _run_recsys(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`recsys ARGS` expected to fail: its result, whatever the exit code."""
+    return subprocess.run(
+        [sys.executable, "-m", "recsys.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_ctrl_c_stops_training_with_a_line_that_says_how_to_resume(
