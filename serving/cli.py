@@ -175,6 +175,29 @@ async def _serve(cfg: Any) -> None:
 
 
 # --- score -------------------------------------------------------------------------------------
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer (got {text!r})") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low} (got {value})")
+        return value
+
+    return parse
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (got {text!r})") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds > 0 (got {text})")
+    return value
+
+
 def score(argv: list[str]) -> int:
     """`recsys score --server ADDR --model NAME --input rows.jsonl [--ranking]`"""
     parser = argparse.ArgumentParser(
@@ -189,12 +212,18 @@ def score(argv: list[str]) -> int:
     parser.add_argument("--model", required=True, help="model name in the repository")
     parser.add_argument("--input", type=Path, required=True, help="JSON-lines file, - = stdin")
     parser.add_argument("--ranking", action="store_true", help="lines are ranking requests")
-    parser.add_argument("--version", type=int, default=0, help="pin a version (0 = newest)")
-    parser.add_argument("--batch-rows", type=int, default=256, help="rows per request (256)")
-    parser.add_argument("--timeout-s", type=float, default=30.0, help="deadline per call (30 s)")
+    parser.add_argument(
+        "--version", type=_at_least(0), default=0, help="pin a version (0 = newest)"
+    )
+    parser.add_argument(
+        "--batch-rows", type=_at_least(1), default=256, help="rows per request (256)"
+    )
+    parser.add_argument(
+        "--timeout-s", type=_positive_seconds, default=30.0, help="deadline per call (30 s)"
+    )
     parser.add_argument(
         "--connect-timeout-s",
-        type=float,
+        type=_positive_seconds,
         default=10.0,
         help="how long to wait for the server to accept the connection (10 s)",
     )

@@ -160,6 +160,34 @@ def test_recsys_serve_logs_its_own_progress_without_library_info_lines(
     assert "Traceback" not in stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch-rows", "0"], "argument --batch-rows: expected an integer >= 1 (got 0)"),
+        (["--timeout-s", "0"], "argument --timeout-s: expected seconds > 0 (got 0)"),
+        (["--connect-timeout-s", "-1"], "argument --connect-timeout-s: expected seconds > 0"),
+        (["--version", "-1"], "argument --version: expected an integer >= 0 (got -1)"),
+    ],
+)
+def test_score_refuses_out_of_range_options(tmp_path: Path, args: list[str], message: str) -> None:
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text('{"user_id": "1"}\n')
+    result = _recsys(
+        "score",
+        "--server",
+        "127.0.0.1:1",
+        "--model",
+        MODEL_NAME,
+        "--input",
+        rows_file,
+        *args,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"recsys score: error: {message}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_score_names_the_address_when_no_server_answers(tmp_path: Path) -> None:
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
