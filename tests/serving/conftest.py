@@ -8,6 +8,8 @@ it); tests talk to it through a real gRPC channel with the blocking `ScoringClie
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -215,6 +217,26 @@ class GatedModel(CTRModel):
 
     def probabilities(self, output: ModelOutput) -> dict[str, torch.Tensor]:
         return self.inner.probabilities(output)
+
+
+def self_signed_cert(folder: Path, name: str = "cert") -> tuple[Path, Path]:
+    """A 1-day self-signed certificate for localhost and 127.0.0.1 and its unencrypted key,
+    made by openssl (the test is skipped without it)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"),
+            *("-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return cert, key
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +30,7 @@ from tests.serving.conftest import (
     StartServer,
     eager_scores,
     explicit_rows,
+    self_signed_cert,
     wait_until,
 )
 
@@ -408,42 +408,13 @@ def test_serve_on_a_taken_port_is_one_line(repo: Path, tmp_path: Path, flag: str
     assert f"127.0.0.1:{port}" in error and "is the port taken?" in error
 
 
-def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed")
-    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-subj",
-            "/CN=localhost",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    return cert, key
-
-
 @pytest.mark.parametrize("case", ["not pem", "another key", "missing key"])
 def test_serve_with_a_bad_tls_pair_is_one_line(repo: Path, tmp_path: Path, case: str) -> None:
-    cert, key = _self_signed(tmp_path, "a")
+    cert, key = self_signed_cert(tmp_path, "a")
     if case == "not pem":
         cert.write_text("not a certificate\n")
     elif case == "another key":
-        _, key = _self_signed(tmp_path, "b")
+        _, key = self_signed_cert(tmp_path, "b")
     else:
         key = tmp_path / "missing.key"
     result = _recsys(

@@ -42,6 +42,7 @@ from tests.serving.conftest import (
     explicit_rows,
     mixed_side_tables,
     mixed_table,
+    self_signed_cert,
     wait_until,
     write_version,
 )
@@ -630,35 +631,7 @@ def test_scoring_client_over_tls(
     tiny_table: pa.Table,
     tmp_path: Path,
 ) -> None:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed")
-    import subprocess
-
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    cert, key = self_signed_cert(tmp_path)
     server = start_server(repo, tls_cert_file=cert, tls_key_file=key)
     raw = _inputs(tiny_schema, tiny_table, 2)
     with ScoringClient(
