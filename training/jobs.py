@@ -287,15 +287,18 @@ def predict(
     output: Path,
     batch_size: int = 8192,
     address: str | None = None,
+    verified: bool = False,
 ) -> int:
     """Scores Parquet rows with an artifact as a Ray Data job; writes one Parquet file in the
-    input order (ids, labels when present, `p_<task>` per served task). Returns rows written."""
+    input order (ids, labels when present, `p_<task>` per served task). Returns rows written.
+    `verified`: the caller has already checked the artifact's checksums."""
     import ray.data
 
     from training.ray_runner import ensure_ray
 
     version_dir = resolve_version_dir(artifact)
-    verify_artifact(version_dir)  # here, not as a traceback from inside a Ray actor
+    if not verified:
+        verify_artifact(version_dir)  # here, not as a traceback from inside a Ray actor
     schema = FeatureSchema.load(version_dir)
     rows_in = 0
     for path in inputs:
@@ -407,7 +410,7 @@ def evaluate(
                 )
         inputs = split_files(data_path, split)
     predictions = output / "predictions.parquet"
-    predict(version_dir, inputs, predictions, address=address)  # makes `output`
+    predict(version_dir, inputs, predictions, address=address, verified=True)  # makes `output`
     schema = FeatureSchema.load(version_dir)
     report = metrics_from_predictions(schema, pq.read_table(predictions))
     report.update(
