@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping, Sequence
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import start_http_server
+
+from serving.convert import VALUE_OUTCOMES
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ class ServerMetrics:
         queue_rows: rows waiting per model version (`recsys_queue_rows`).
         model_version: newest loaded version per model (`recsys_model_version`).
         load_failures: versions that failed to load or verify (`recsys_model_load_failures_total`).
+        feature_values: categorical values scored, by model, feature and outcome (known,
+            out_of_vocabulary, missing) (`recsys_feature_values_total`).
     """
 
     def __init__(self) -> None:
@@ -85,9 +90,32 @@ class ServerMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.feature_values = Counter(
+            "recsys_feature_values",
+            "Categorical values scored, by model, feature and outcome: known to the vocabulary, "
+            "out_of_vocabulary (scored as the OOV id) or missing",
+            ["model", "feature", "outcome"],
+            registry=self.registry,
+        )
+        self._value_children: dict[tuple[str, str], tuple[Counter, ...]] = {}
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.http_port: int | None = None
+
+    def record_values(self, model: str, counts: Mapping[str, Sequence[int]]) -> None:
+        """Adds one request's `serving.convert.value_outcomes` counts to `feature_values`."""
+        for feature, per_outcome in counts.items():
+            children = self._value_children.get((model, feature))
+            if children is None:  # labels() per call would cost a lock and a lookup per outcome
+                children = tuple(
+                    self.feature_values.labels(model, feature, outcome)
+                    for outcome in VALUE_OUTCOMES
+                )
+                self._value_children[model, feature] = children
+            # zeros too, so every outcome's series exists from the first request (rates of a
+            # series that appears late read as gaps on a dashboard)
+            for child, count in zip(children, per_outcome, strict=True):
+                child.inc(int(count))
 
     def render(self) -> str:
         """The metrics in Prometheus text format (what the side port serves)."""

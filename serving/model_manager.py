@@ -37,7 +37,7 @@ from recsys.models.outputs import CTRModel
 from serving._pb.recsys.v1 import scoring_pb2 as pb
 from serving.batcher import BatcherConfig, MicroBatcher, Scores, forward
 from serving.config import ServerConfig
-from serving.convert import RequestConverter, warmup_table
+from serving.convert import RequestConverter, value_outcomes, warmup_table
 from serving.errors import NotFound, NotReady
 from serving.metrics import ServerMetrics
 
@@ -76,6 +76,7 @@ class LoadedModel:
     converter: RequestConverter
     batcher: MicroBatcher
     table_dtype: str
+    metrics: ServerMetrics
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -83,7 +84,9 @@ class LoadedModel:
 
     async def score(self, request: pb.ScoreRequest, timeout_s: float | None) -> Scores:
         """Converts a request (on the event loop) and scores it through the micro-batcher."""
-        encoded = self.converter.encode(request)
+        raw = self.converter.raw_table(request)
+        encoded = self.converter.encode_table(raw)
+        self.metrics.record_values(self.name, value_outcomes(self.converter.schema, raw, encoded))
         return await self.batcher.submit(encoded, timeout_s)
 
 
@@ -397,7 +400,9 @@ class ModelManager:
             time.perf_counter() - start,
             list(model.served_tasks),
         )
-        return LoadedModel(name, version, artifact, model, converter, batcher, self.table_dtype)
+        return LoadedModel(
+            name, version, artifact, model, converter, batcher, self.table_dtype, self.metrics
+        )
 
     async def _set_status(self, name: str, serving: bool) -> None:
         if self._status.get(name) == serving:

@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 from recsys.features.schema import OOV_ID, FeatureSchema
 from serving._pb.recsys.v1 import scoring_pb2 as pb
 from serving.columns import column_from_values, column_to_arrow
-from serving.convert import InputSpec, RequestConverter, input_specs, warmup_table
+from serving.convert import (
+    VALUE_OUTCOMES,
+    InputSpec,
+    RequestConverter,
+    input_specs,
+    value_outcomes,
+    warmup_table,
+)
 from serving.errors import RequestError
 from tests.serving.conftest import explicit_rows, mixed_side_tables, side_tables
 
@@ -377,6 +384,53 @@ def test_warmup_rows_encode_without_oov(
             ids = pa.array(encoded[spec.name].to_pylist()).to_pylist()
             flat = [i for bag in ids for i in bag] if spec.kind != "categorical" else ids
             assert OOV_ID not in flat, spec.name
+
+
+def test_value_outcomes_count_known_unseen_and_missing_values(
+    mixed_converter: RequestConverter, mixed_schema: FeatureSchema
+) -> None:
+    # vocabularies fitted on mixed_table: uid 1-3, iid a-d, tags x/y/z, codes 7/8/9
+    raw = pa.table(
+        {
+            "uid": pa.array([1, 99, None, 2], pa.int64()),
+            "iid": ["a", "zz", "b", None],
+            "tags": pa.array([["x", "new"], [], None, ["y", None]], pa.list_(pa.string())),
+            "codes": pa.array([[7], [8, 100], [9], []], pa.list_(pa.int64())),
+            "age": [20.0, None, 40.0, 20.0],
+            "price": [1.0, 2.0, None, 4.0],
+        }
+    )
+    counts = value_outcomes(mixed_schema, raw, mixed_converter.encode_table(raw))
+    assert VALUE_OUTCOMES == ("known", "out_of_vocabulary", "missing")
+    as_lists = {name: c.tolist() for name, c in counts.items()}
+    # dense and bucketised features have no vocabulary, so they are not counted
+    assert as_lists == {
+        "uid": [2, 1, 1],
+        "iid": [2, 1, 1],
+        "tags": [2, 1, 3],  # the empty bag, the null bag and the null element are missing
+        "codes": [3, 1, 1],
+    }
+
+
+def test_value_outcomes_of_a_ranking_request_count_unknown_candidates_and_their_features(
+    converter: RequestConverter, tiny_schema: FeatureSchema, tiny_table: pa.Table
+) -> None:
+    user = tiny_table["user_id"][0].as_py()
+    item = tiny_table["item_id"][0].as_py()
+    request = pb.ScoreRequest(
+        model="m",
+        ranking=pb.RankingRequest(
+            context={"user_id": column_from_values("user_id", [user])},
+            candidate_item_ids=column_from_values("item_id", [item, "no-such-item"]),
+        ),
+    )
+    raw = converter.raw_table(request)
+    counts = value_outcomes(tiny_schema, raw, converter.encode_table(raw))
+    assert counts["user_id"].tolist() == [2, 0, 0]
+    assert counts["item_id"].tolist() == [1, 1, 0]
+    # the unknown item has no side row, so its item features are missing, not out of vocabulary
+    assert counts["release_year"].tolist() == [1, 0, 1]
+    assert counts["genres"][1:].tolist() == [0, 1]
 
 
 def test_column_round_trip_keeps_values_and_missing_rows() -> None:

@@ -605,6 +605,37 @@ def test_request_ids_are_echoed_and_metrics_are_exported(
     assert 'recsys_queue_rows{model="tiny",version="1"} 0.0' in text
 
 
+def test_out_of_vocabulary_values_are_counted_per_model_and_feature(
+    repo: Path, start_server: StartServer, tiny_schema: FeatureSchema, tiny_table: pa.Table
+) -> None:
+    server = start_server(repo)
+    server.wait_serving()
+    raw = _inputs(tiny_schema, tiny_table, 3)
+    users = raw["user_id"].to_pylist()
+    raw = raw.set_column(
+        raw.column_names.index("user_id"), "user_id", pa.array(["new-user", *users[1:]])
+    )
+    with server.client() as client:
+        client.score_rows(MODEL_NAME, raw)
+        client.rank(MODEL_NAME, {"user_id": users[1]}, [raw["item_id"][0].as_py(), "new-item"])
+        with pytest.raises(grpc.RpcError):  # a refused request counts nothing
+            client.score_rows(MODEL_NAME, raw.drop_columns(["gender"]))
+    text = server.models.metrics.render()
+
+    def count(feature: str, outcome: str) -> float:
+        line = (
+            f'recsys_feature_values_total{{feature="{feature}",model="tiny",outcome="{outcome}"}}'
+        )
+        values = [float(row.split()[-1]) for row in text.splitlines() if row.startswith(line)]
+        assert len(values) == 1, f"{line} not exported"
+        return values[0]
+
+    assert (count("user_id", "known"), count("user_id", "out_of_vocabulary")) == (4.0, 1.0)
+    assert (count("item_id", "known"), count("item_id", "out_of_vocabulary")) == (4.0, 1.0)
+    assert count("genres", "missing") == 1.0  # the unknown item has no side row
+    assert count("gender", "missing") == 0.0
+
+
 def test_ranking_columns_built_by_hand_match_the_client_helper(
     repo: Path, start_server: StartServer, tiny_table: pa.Table
 ) -> None:
