@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from recsys.data.schema import Role
 from recsys.errors import SchemaError
 from recsys.features.batch import Features, features_from_encoded
-from recsys.features.schema import OOV_ID, FeatureSchema
+from recsys.features.schema import FeatureSchema
 from serving._pb.recsys.v1 import scoring_pb2 as pb
 from serving.columns import ArrowColumn, column_to_arrow
 from serving.errors import RequestError
@@ -428,44 +428,6 @@ class RequestConverter:
         if arrow.kind is None:
             return spec.typed_nulls(len(arrow))
         return arrow.array
-
-
-VALUE_OUTCOMES = ("known", "out_of_vocabulary", "missing")
-
-
-def value_outcomes(
-    schema: FeatureSchema, raw: pa.Table, encoded: pa.Table
-) -> dict[str, np.ndarray]:
-    """How many values of each categorical feature the vocabularies knew, per request.
-
-    Returns, per categorical and multi-categorical feature, counts in `VALUE_OUTCOMES` order:
-    values that mapped to a trained id, values sent but outside the vocabulary (unseen in
-    training or below its min count; they score as the OOV id), and missing values (null, an
-    unknown side-table id, an empty bag or a null in a bag). Bag elements are counted one by
-    one. The server
-    exports these as `recsys_feature_values_total`, so a rising out-of-vocabulary share (new
-    items, a renamed id scheme, a client sending the wrong column) shows on a dashboard instead
-    of only as quietly worse scores.
-    """
-    counts = {}
-    for feature in schema.sparse:
-        if feature.kind not in (CATEGORICAL, MULTI_CATEGORICAL):
-            continue
-        sent = raw[feature.name].combine_chunks()
-        ids = encoded[feature.name].combine_chunks()
-        if feature.kind == CATEGORICAL:
-            missing = sent.null_count
-            known = int(np.count_nonzero(ids.to_numpy(zero_copy_only=False) != OOV_ID))
-            oov = len(sent) - missing - known
-        else:
-            lengths = pc.fill_null(pc.list_value_length(sent), 0).to_numpy(zero_copy_only=False)
-            null_elements = pc.list_flatten(sent).null_count
-            missing = int(np.count_nonzero(lengths == 0)) + null_elements
-            flat = pc.list_flatten(ids).to_numpy(zero_copy_only=False)
-            known = int(np.count_nonzero(flat != OOV_ID))
-            oov = int(lengths.sum()) - null_elements - known
-        counts[feature.name] = np.array([known, oov, missing], dtype=np.int64)
-    return counts
 
 
 def warmup_table(schema: FeatureSchema, num_rows: int) -> pa.Table:

@@ -14,7 +14,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import start_http_server
 
-from serving.convert import VALUE_OUTCOMES
+from recsys.features.schema import VALUE_OUTCOMES
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class ServerMetrics:
         self.http_port: int | None = None
 
     def record_values(self, model: str, counts: Mapping[str, Sequence[int]]) -> None:
-        """Adds one request's `serving.convert.value_outcomes` counts to `feature_values`."""
+        """Adds one request's `FeatureSchema.value_outcomes` counts to `feature_values`."""
         for feature, per_outcome in counts.items():
             children = self._value_children.get((model, feature))
             if children is None:  # labels() per call would cost a lock and a lookup per outcome

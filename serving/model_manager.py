@@ -37,7 +37,7 @@ from recsys.models.outputs import CTRModel
 from serving._pb.recsys.v1 import scoring_pb2 as pb
 from serving.batcher import BatcherConfig, MicroBatcher, Scores, forward
 from serving.config import ServerConfig
-from serving.convert import RequestConverter, value_outcomes, warmup_table
+from serving.convert import RequestConverter, warmup_table
 from serving.errors import NotFound, NotReady
 from serving.metrics import ServerMetrics
 
@@ -86,7 +86,8 @@ class LoadedModel:
         """Converts a request (on the event loop) and scores it through the micro-batcher."""
         raw = self.converter.raw_table(request)
         encoded = self.converter.encode_table(raw)
-        self.metrics.record_values(self.name, value_outcomes(self.converter.schema, raw, encoded))
+        # unseen ids score as the OOV id (cold start), so they are counted, never refused
+        self.metrics.record_values(self.name, self.converter.schema.value_outcomes(raw, encoded))
         return await self.batcher.submit(encoded, timeout_s)
 
 

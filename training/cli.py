@@ -250,6 +250,18 @@ def evaluate(argv: list[str]) -> int:
         for task, m in report["tasks"].items():
             line = " ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float))
             print(f"{task}: {line} rows={m.get('num_rows')}")
+            for column, slices in m.get("cold_start", {}).items():
+                unseen = slices.get("unseen")
+                if unseen is not None:
+                    auc = "n/a (one class)" if unseen["auc"] is None else f"{unseen['auc']:.4f}"
+                    rows = unseen["rows"]
+                    print(f"  rows whose {column} is unseen in training: {rows}, auc={auc}")
+        shares = [
+            f"{name} {v['out_of_vocabulary_share']:.1%}"
+            for name, v in report["vocabulary"].items()
+            if v["out_of_vocabulary"]
+        ]
+        print(f"out of vocabulary (scored as the OOV id): {', '.join(shares) or 'none'}")
         print(f"metrics written to {args.output / 'metrics.json'}")
         print(json.dumps({t: m["auc"] for t, m in report["tasks"].items()}))
         return 0

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from recsys.artifact import load_artifact, resolve_version_dir, score_table, verify_artifact
 from recsys.errors import ArtifactError, ConfigError, DataError
-from recsys.features.schema import FeatureSchema
+from recsys.features.schema import OOV_ID, VALUE_OUTCOMES, FeatureSchema
 from recsys.logs import quiet_libraries
 from recsys.metrics import auc_by_group, binary_metrics
 from training.config import ExperimentConfig
@@ -334,6 +334,45 @@ def predict(
     return rows
 
 
+def _seen_in_training(schema: FeatureSchema, table: pa.Table) -> dict[str, np.ndarray]:
+    """Per entity id column (user, item) in `table`: "known" for rows whose id the model has an
+    embedding for, "unseen" for cold-start rows (scored through the OOV id)."""
+    dataset = schema.dataset
+    seen = {}
+    for entity in (dataset.user, dataset.item):
+        if entity is None or entity.id_column not in table.column_names:
+            continue
+        vocab = schema.vocabs.get(entity.id_column)
+        if vocab is None:  # the id keys side features but is not itself a model input
+            continue
+        ids = vocab.lookup(table[entity.id_column], entity.id_column)
+        seen[entity.id_column] = np.where(ids != OOV_ID, "known", "unseen")
+    return seen
+
+
+def vocabulary_coverage(
+    schema: FeatureSchema, inputs: list[Path], batch_rows: int = 65_536
+) -> dict[str, dict[str, Any]]:
+    """Per categorical feature over the input files: values known to the model's vocabulary,
+    out of it (they score as the OOV id) and missing, with the out-of-vocabulary share.
+
+    Streams only the categorical columns, a batch at a time, so it runs on inputs of any size.
+    """
+    names = [f.name for f in schema.sparse if f.kind != "bucketized"]
+    totals: dict[str, np.ndarray] = {}
+    for path in inputs:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=names):
+            for name, counts in schema.value_outcomes(pa.Table.from_batches([batch])).items():
+                totals[name] = totals.get(name, 0) + counts
+    coverage = {}
+    for name, counts in totals.items():
+        entry: dict[str, Any] = dict(zip(VALUE_OUTCOMES, map(int, counts), strict=True))
+        present = entry["known"] + entry["out_of_vocabulary"]
+        entry["out_of_vocabulary_share"] = entry["out_of_vocabulary"] / present if present else 0.0
+        coverage[name] = entry
+    return coverage
+
+
 def metrics_from_predictions(schema: FeatureSchema, table: pa.Table) -> dict[str, Any]:
     """Every metric of every task with labels, overall and per domain, from a predictions table."""
     dataset = schema.dataset
@@ -341,6 +380,7 @@ def metrics_from_predictions(schema: FeatureSchema, table: pa.Table) -> dict[str
     if dataset.user is not None and dataset.user.id_column in table.column_names:
         groups = table[dataset.user.id_column].to_numpy(zero_copy_only=False)
     report: dict[str, Any] = {"num_rows": table.num_rows, "tasks": {}}
+    seen = _seen_in_training(schema, table)
     for label in dataset.labels:
         prob_col = PROB_PREFIX + label.task_name
         if label.name not in table.column_names or prob_col not in table.column_names:
@@ -353,6 +393,9 @@ def metrics_from_predictions(schema: FeatureSchema, table: pa.Table) -> dict[str
             # domains with both classes (the others have no AUC)
             by_domain = auc_by_group(labels, probs, domains)
             task["per_domain"] = {d: m for d, m in by_domain.items() if m["auc"] is not None}
+        cold_start = {column: auc_by_group(labels, probs, known) for column, known in seen.items()}
+        if cold_start:
+            task["cold_start"] = cold_start
         report["tasks"][label.task_name] = task
     # post-click conversion (ESMM's cvr): on clicked rows, the ctcvr label is the conversion
     tasks = {label.task_name: label.name for label in dataset.labels}
@@ -414,7 +457,12 @@ def evaluate(
     schema = FeatureSchema.load(version_dir)
     report = metrics_from_predictions(schema, pq.read_table(predictions))
     report.update(
-        {"artifact": str(version_dir), "inputs": [str(p) for p in inputs], "split": split}
+        {
+            "artifact": str(version_dir),
+            "inputs": [str(p) for p in inputs],
+            "split": split,
+            "vocabulary": vocabulary_coverage(schema, inputs),
+        }
     )
     (output / "metrics.json").write_text(json.dumps(report, indent=2))
     return report

@@ -27,6 +27,7 @@ from recsys.errors import SchemaError
 logger = logging.getLogger(__name__)
 
 OOV_ID = 0
+VALUE_OUTCOMES = ("known", "out_of_vocabulary", "missing")
 DOMAIN_COLUMN = "__domain__"
 SCHEMA_FILE = "schema.json"
 VOCAB_DIR = "vocab"
@@ -204,6 +205,42 @@ class FeatureSchema:
             lengths = np.where(empty, 1, lengths)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_ids, pa.int64()))
+
+    def value_outcomes(
+        self, raw: pa.Table, encoded: pa.Table | None = None
+    ) -> dict[str, np.ndarray]:
+        """How many values of each categorical feature the vocabularies knew.
+
+        Returns, per categorical and multi-categorical feature of `raw`, counts in
+        `VALUE_OUTCOMES` order: values that map to a trained id; values present but outside the
+        vocabulary (unseen in training or below its min count: they get the OOV id); missing
+        values (null, an empty bag or a null in a bag). Bag elements count one by one. Dense and
+        bucketised features have no vocabulary and are left out. `encoded`: `encode(raw)` when
+        the caller has it (the server), so the lookups are not done twice.
+        """
+        counts = {}
+        for feature in self.sparse:
+            if feature.kind == "bucketized" or feature.name not in raw.column_names:
+                continue
+            sent = raw[feature.name].combine_chunks()
+            ids = (
+                encoded[feature.name].combine_chunks()
+                if encoded is not None
+                else self._encode_sparse(feature, sent)
+            )
+            if feature.kind == "categorical":
+                missing = sent.null_count
+                known = int(np.count_nonzero(ids.to_numpy(zero_copy_only=False) != OOV_ID))
+                oov = len(sent) - missing - known
+            else:
+                lengths = pc.fill_null(pc.list_value_length(sent), 0).to_numpy(zero_copy_only=False)
+                null_elements = pc.list_flatten(sent).null_count
+                missing = int(np.count_nonzero(lengths == 0)) + null_elements
+                flat = pc.list_flatten(ids).to_numpy(zero_copy_only=False)
+                known = int(np.count_nonzero(flat != OOV_ID))
+                oov = int(lengths.sum()) - null_elements - known
+            counts[feature.name] = np.array([known, oov, missing], dtype=np.int64)
+        return counts
 
     # --- persistence --------------------------------------------------------------------------
     def save(self, directory: Path) -> list[Path]:

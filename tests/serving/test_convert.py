@@ -13,17 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recsys.features.schema import OOV_ID, FeatureSchema
+from recsys.features.schema import OOV_ID, VALUE_OUTCOMES, FeatureSchema
 from serving._pb.recsys.v1 import scoring_pb2 as pb
 from serving.columns import column_from_values, column_to_arrow
-from serving.convert import (
-    VALUE_OUTCOMES,
-    InputSpec,
-    RequestConverter,
-    input_specs,
-    value_outcomes,
-    warmup_table,
-)
+from serving.convert import InputSpec, RequestConverter, input_specs, warmup_table
 from serving.errors import RequestError
 from tests.serving.conftest import explicit_rows, mixed_side_tables, side_tables
 
@@ -400,16 +393,17 @@ def test_value_outcomes_count_known_unseen_and_missing_values(
             "price": [1.0, 2.0, None, 4.0],
         }
     )
-    counts = value_outcomes(mixed_schema, raw, mixed_converter.encode_table(raw))
     assert VALUE_OUTCOMES == ("known", "out_of_vocabulary", "missing")
-    as_lists = {name: c.tolist() for name, c in counts.items()}
-    # dense and bucketised features have no vocabulary, so they are not counted
-    assert as_lists == {
-        "uid": [2, 1, 1],
-        "iid": [2, 1, 1],
-        "tags": [2, 1, 3],  # the empty bag, the null bag and the null element are missing
-        "codes": [3, 1, 1],
-    }
+    from_encoded = mixed_schema.value_outcomes(raw, mixed_converter.encode_table(raw))
+    from_raw = mixed_schema.value_outcomes(raw)  # the lookups done here (batch evaluation)
+    for counts in (from_encoded, from_raw):
+        # dense and bucketised features have no vocabulary, so they are not counted
+        assert {name: c.tolist() for name, c in counts.items()} == {
+            "uid": [2, 1, 1],
+            "iid": [2, 1, 1],
+            "tags": [2, 1, 3],  # the empty bag, the null bag and the null element are missing
+            "codes": [3, 1, 1],
+        }
 
 
 def test_value_outcomes_of_a_ranking_request_count_unknown_candidates_and_their_features(
@@ -425,7 +419,7 @@ def test_value_outcomes_of_a_ranking_request_count_unknown_candidates_and_their_
         ),
     )
     raw = converter.raw_table(request)
-    counts = value_outcomes(tiny_schema, raw, converter.encode_table(raw))
+    counts = tiny_schema.value_outcomes(raw, converter.encode_table(raw))
     assert counts["user_id"].tolist() == [2, 0, 0]
     assert counts["item_id"].tolist() == [1, 1, 0]
     # the unknown item has no side row, so its item features are missing, not out of vocabulary

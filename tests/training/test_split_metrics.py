@@ -3,14 +3,17 @@ ESMM's CVR on clicked rows only, the domain-weighted AUC and the per-domain tabl
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
 from recsys.features.schema import fit_feature_schema
 from tests.tiny_data import TINY_MULTITASK_SCHEMA, make_tiny_table, with_ctcvr
-from training.jobs import PROB_PREFIX, metrics_from_predictions
+from training.jobs import PROB_PREFIX, metrics_from_predictions, vocabulary_coverage
 from training.loop import owned_columns, per_domain_metrics, split_metrics, table_of
 
 
@@ -85,6 +88,59 @@ def test_evaluate_report_has_cvr_on_clicked_rows(table: pa.Table) -> None:
     assert set(report["tasks"]) == {"ctr", "ctcvr", "cvr"}
     assert report["tasks"]["cvr"]["auc"] == pytest.approx(trainer["cvr_auc"], abs=1e-12)
     assert report["tasks"]["cvr"]["num_rows"] == (table["click"].to_numpy() == 1).sum()
+
+
+def test_evaluate_report_slices_auc_by_users_and_items_unseen_in_training(
+    table: pa.Table,
+) -> None:
+    train, held_out = table.slice(0, 20), table.slice(20)
+    schema = fit_feature_schema(TINY_MULTITASK_SCHEMA, [train])
+    p_ctr = _probs(held_out, 5)["ctr"]
+    report = metrics_from_predictions(
+        schema, held_out.append_column(PROB_PREFIX + "ctr", pa.array(p_ctr))
+    )
+    click = held_out["click"].to_numpy()
+    for column in ("user_id", "item_id"):
+        known = np.isin(held_out[column].to_numpy(zero_copy_only=False), train[column].to_numpy())
+        assert 0 < known.sum() < len(known), "the fixture should hold both kinds of rows"
+        slices = report["tasks"]["ctr"]["cold_start"][column]
+        for name, mask in (("known", known), ("unseen", ~known)):
+            assert slices[name]["rows"] == mask.sum()
+            assert slices[name]["auc"] == pytest.approx(
+                roc_auc_score(click[mask], p_ctr[mask]), abs=1e-12
+            )
+
+
+def test_vocabulary_coverage_streams_the_inputs_in_batches(table: pa.Table, tmp_path: Path) -> None:
+    train, rest = table.slice(0, 20), table.slice(20)
+    schema = fit_feature_schema(TINY_MULTITASK_SCHEMA, [train])
+    users = [None if i % 7 == 0 else v for i, v in enumerate(rest["user_id"].to_pylist())]
+    genres = [[] if i % 5 == 0 else v for i, v in enumerate(rest["genres"].to_pylist())]
+    rest = rest.set_column(rest.schema.get_field_index("user_id"), "user_id", pa.array(users))
+    rest = rest.set_column(
+        rest.schema.get_field_index("genres"), "genres", pa.array(genres, rest["genres"].type)
+    )
+    paths = [tmp_path / "a.parquet", tmp_path / "b.parquet"]
+    pq.write_table(rest.slice(0, 900), paths[0])
+    pq.write_table(rest.slice(900), paths[1])
+    coverage = vocabulary_coverage(schema, paths, batch_rows=128)
+    for column in ("user_id", "item_id", "occupation"):
+        values = rest[column].to_pylist()
+        vocabulary = {v for v in train[column].to_pylist() if v is not None}
+        missing = sum(v is None for v in values)
+        oov = sum(v is not None and v not in vocabulary for v in values)
+        expected = {
+            "known": len(values) - missing - oov,
+            "out_of_vocabulary": oov,
+            "missing": missing,
+            "out_of_vocabulary_share": pytest.approx(oov / (len(values) - missing)),
+        }
+        assert coverage[column] == expected, column
+    assert coverage["user_id"]["missing"] > 0 and coverage["user_id"]["out_of_vocabulary"] > 0
+    vocabulary = {g for bag in train["genres"].to_pylist() for g in bag}
+    elements = [g for bag in genres for g in bag]
+    assert coverage["genres"]["known"] == sum(g in vocabulary for g in elements)
+    assert coverage["genres"]["missing"] == sum(not bag for bag in genres) > 0
 
 
 def test_kept_columns_are_copies_that_reassemble_the_split() -> None:

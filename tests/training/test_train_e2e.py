@@ -173,6 +173,15 @@ def test_evaluate_a_parquet_file_the_artifact_has_no_metrics_for(
     expected = roc_auc_score(subset["click"].to_numpy(), predictions["p_ctr"].to_numpy())
     assert report["tasks"]["ctr"]["auc"] == pytest.approx(expected, abs=1e-12)
     assert report["num_rows"] == 3000
+    # test items the model never trained on are counted, and their rows scored as a slice
+    vocab_dir = work / "repo" / "autoint_ml100k" / "1" / "vocab"
+    trained_items = set(pq.read_table(vocab_dir / "item_id.parquet")["value"].to_pylist())
+    unseen = ~np.isin(subset["item_id"].to_numpy(zero_copy_only=False), list(trained_items))
+    assert report["vocabulary"]["item_id"]["out_of_vocabulary"] == unseen.sum() > 0
+    assert report["vocabulary"]["item_id"]["known"] == 3000 - unseen.sum()
+    assert report["tasks"]["ctr"]["cold_start"]["item_id"]["unseen"]["rows"] == unseen.sum()
+    assert f"rows whose item_id is unseen in training: {unseen.sum()}" in result.stdout
+    assert "out of vocabulary (scored as the OOV id): " in result.stdout
     # the scoring actor drops the known library lines too (recsys/logs.py)
     assert "is_fx_tracing will return true" not in result.stderr + result.stdout
 
