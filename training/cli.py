@@ -248,8 +248,10 @@ def evaluate(argv: list[str]) -> int:
             address=args.address,
         )
         for task, m in report["tasks"].items():
-            line = " ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float))
-            print(f"{task}: {line} rows={m.get('num_rows')}")
+            line = " ".join(
+                f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "num_rows"
+            )
+            print(f"{task}: {line} rows={int(m['num_rows'])}")
             for column, slices in m.get("cold_start", {}).items():
                 unseen = slices.get("unseen")
                 if unseen is not None:

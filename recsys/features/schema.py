@@ -219,26 +219,31 @@ class FeatureSchema:
         the caller has it (the server), so the lookups are not done twice.
         """
         counts = {}
+        columns = set(raw.column_names)
         for feature in self.sparse:
-            if feature.kind == "bucketized" or feature.name not in raw.column_names:
+            if feature.kind == "bucketized" or feature.name not in columns:
                 continue
-            sent = raw[feature.name].combine_chunks()
+            # a few Arrow/NumPy calls per feature, no chunk concatenation: the server runs this
+            # on every request
+            sent = raw[feature.name]
             ids = (
-                encoded[feature.name].combine_chunks()
+                encoded[feature.name]
                 if encoded is not None
-                else self._encode_sparse(feature, sent)
+                else pa.chunked_array([self._encode_sparse(feature, sent)])
             )
             if feature.kind == "categorical":
                 missing = sent.null_count
-                known = int(np.count_nonzero(ids.to_numpy(zero_copy_only=False) != OOV_ID))
+                known = sum(int(np.count_nonzero(_ids_of(c) != OOV_ID)) for c in _chunks(ids))
                 oov = len(sent) - missing - known
             else:
-                lengths = pc.fill_null(pc.list_value_length(sent), 0).to_numpy(zero_copy_only=False)
-                null_elements = pc.list_flatten(sent).null_count
-                missing = int(np.count_nonzero(lengths == 0)) + null_elements
-                flat = pc.list_flatten(ids).to_numpy(zero_copy_only=False)
-                known = int(np.count_nonzero(flat != OOV_ID))
-                oov = int(lengths.sum()) - null_elements - known
+                values = pc.list_flatten(sent)  # the elements of the bags (null bags add none)
+                flat = [c.flatten() for c in _chunks(ids)]
+                # encode gives every empty or null bag one OOV id, so the encoded elements
+                # outnumber the sent ones by the number of such bags
+                empty = sum(len(c) for c in flat) - len(values)
+                missing = empty + values.null_count
+                known = sum(int(np.count_nonzero(_ids_of(c) != OOV_ID)) for c in flat)
+                oov = len(values) - values.null_count - known
             counts[feature.name] = np.array([known, oov, missing], dtype=np.int64)
         return counts
 
@@ -287,6 +292,14 @@ class FeatureSchema:
             dense=tuple(DenseFeature(f["name"], f["mean"], f["std"]) for f in doc["dense"]),
             vocabs=vocabs,
         )
+
+
+def _chunks(column: pa.ChunkedArray | pa.Array) -> list[pa.Array]:
+    return column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+
+
+def _ids_of(array: pa.Array) -> np.ndarray:
+    return array.to_numpy(zero_copy_only=False)
 
 
 def _as_float(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
