@@ -77,6 +77,7 @@ class _Pending:
     future: asyncio.Future[Scores]
     enqueued: float
     deadline: float | None
+    missing: np.ndarray | None = None
     queued: bool = field(default=True)
 
 
@@ -89,6 +90,9 @@ class MicroBatcher:
         executor: the scoring thread pool (shared by every version's batcher).
         label: `(model, version)` for logs and metrics.
         metrics: where batch sizes and queue depth are recorded, if anywhere.
+        count_values: called in the scoring thread with each scored batch's encoded rows and
+            the sum of its requests' `missing` counts (the server's categorical value counts:
+            counted once per batch, not once per request, and off the event loop).
     """
 
     def __init__(
@@ -98,8 +102,10 @@ class MicroBatcher:
         executor: Executor,
         label: tuple[str, int] = ("", 0),
         metrics: ServerMetrics | None = None,
+        count_values: Callable[[pa.Table, np.ndarray], None] | None = None,
     ) -> None:
         self._score_fn = score_fn
+        self._count_values = count_values
         self.config = config
         self._executor = executor
         self.label = label
@@ -139,12 +145,15 @@ class MicroBatcher:
         batches = math.ceil((self._queued_rows + rows) / self.config.max_batch_rows)
         return math.ceil(batches / self.config.concurrency) * self._batch_s
 
-    async def submit(self, table: pa.Table, timeout_s: float | None = None) -> Scores:
+    async def submit(
+        self, table: pa.Table, timeout_s: float | None = None, missing: np.ndarray | None = None
+    ) -> Scores:
         """Queues encoded rows and returns their probabilities once their batch has run.
 
         Args:
             table: encoded rows of one request.
             timeout_s: time left until the request's deadline; None means no deadline.
+            missing: the request's missing values per counted feature, for `count_values`.
 
         Raises:
             Overloaded: the queue is full, or cannot meet the deadline.
@@ -176,6 +185,7 @@ class MicroBatcher:
             future=loop.create_future(),
             enqueued=now,
             deadline=None if timeout_s is None else now + timeout_s,
+            missing=missing,
         )
         self._pending.append(item)
         self._queued_rows += rows
@@ -289,9 +299,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         try:
             start = time.perf_counter()
-            scores = await loop.run_in_executor(
-                self._executor, self._score_batch, [item.table for item in batch]
-            )
+            scores = await loop.run_in_executor(self._executor, self._score_batch, batch)
             self.record_latency(time.perf_counter() - start)
             if self._metrics is not None:
                 self._metrics.batch_rows.observe(sum(item.rows for item in batch))
@@ -309,7 +317,8 @@ class MicroBatcher:
         finally:
             slots.release()
 
-    def _score_batch(self, tables: list[pa.Table]) -> Scores:
+    def _score_batch(self, batch: list[_Pending]) -> Scores:
+        tables = [item.table for item in batch]
         table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
         scores = self._score_fn(table)
         for task, p in scores.items():
@@ -318,4 +327,11 @@ class MicroBatcher:
                     f"batcher {self._name}: task '{task}' returned {len(p)} scores (expected "
                     f"{table.num_rows}, one per row)"
                 )
+        if self._count_values is not None:
+            missing = [item.missing for item in batch if item.missing is not None]
+            try:
+                if len(missing) == len(batch):
+                    self._count_values(table, np.sum(missing, axis=0))
+            except Exception:  # a metric must never fail the batch's scores
+                logger.exception("batcher %s: counting the batch's values failed", self._name)
         return scores

@@ -107,15 +107,16 @@ class ServerMetrics:
         for feature, per_outcome in counts.items():
             children = self._value_children.get((model, feature))
             if children is None:  # labels() per call would cost a lock and a lookup per outcome
+                # labels() creates each outcome's series at 0, so every series exists from the
+                # first batch (a series that appears late reads as a gap on a dashboard)
                 children = tuple(
                     self.feature_values.labels(model, feature, outcome)
                     for outcome in VALUE_OUTCOMES
                 )
                 self._value_children[model, feature] = children
-            # zeros too, so every outcome's series exists from the first request (rates of a
-            # series that appears late read as gaps on a dashboard)
             for child, count in zip(children, per_outcome, strict=True):
-                child.inc(int(count))
+                if count:
+                    child.inc(int(count))
 
     def render(self) -> str:
         """The metrics in Prometheus text format (what the side port serves)."""

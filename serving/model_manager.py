@@ -30,9 +30,11 @@ from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
+import pyarrow as pa
 
 from recsys.artifact import Artifact, list_versions, load_artifact
 from recsys.errors import ArtifactError, ConfigError
+from recsys.features.schema import FeatureSchema, outcomes_from
 from recsys.models.outputs import CTRModel
 from serving._pb.recsys.v1 import scoring_pb2 as pb
 from serving.batcher import BatcherConfig, MicroBatcher, Scores, forward
@@ -65,6 +67,18 @@ def transform_for(quantize: str) -> tuple[ModelTransform | None, str]:
     )
 
 
+def _count_values(
+    metrics: ServerMetrics,
+    model: str,
+    schema: FeatureSchema,
+    encoded: pa.Table,
+    missing: np.ndarray,
+) -> None:
+    """A scored batch's categorical values into `recsys_feature_values_total`: its ids are
+    counted here, in the scoring thread, once per batch; `missing` comes from the requests."""
+    metrics.record_values(model, outcomes_from(missing, schema.id_counts(encoded), schema))
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """One servable model version: the artifact, its (transformed) model, converter, batcher."""
@@ -76,7 +90,6 @@ class LoadedModel:
     converter: RequestConverter
     batcher: MicroBatcher
     table_dtype: str
-    metrics: ServerMetrics
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -86,9 +99,10 @@ class LoadedModel:
         """Converts a request (on the event loop) and scores it through the micro-batcher."""
         raw = self.converter.raw_table(request)
         encoded = self.converter.encode_table(raw)
-        # unseen ids score as the OOV id (cold start), so they are counted, never refused
-        self.metrics.record_values(self.name, self.converter.schema.value_outcomes(raw, encoded))
-        return await self.batcher.submit(encoded, timeout_s)
+        # unseen ids score as the OOV id (cold start): counted, never refused. Only the missing
+        # values are counted here (they need the raw rows); the ids, per batch, by the batcher.
+        missing = self.converter.schema.missing_values(raw)
+        return await self.batcher.submit(encoded, timeout_s, missing)
 
 
 @dataclass(frozen=True)
@@ -385,7 +399,12 @@ class ModelManager:
         )
         score_fn = partial(forward, model, artifact.schema)
         batcher = MicroBatcher(
-            score_fn, self.batcher_config, self._executor, (name, version), self.metrics
+            score_fn,
+            self.batcher_config,
+            self._executor,
+            (name, version),
+            self.metrics,
+            count_values=partial(_count_values, self.metrics, name, artifact.schema),
         )
         encoded = converter.encode_table(warmup_table(artifact.schema, self.warmup_rows))
         for _ in range(2):  # the first pass pays one-off costs; the second seeds the estimate
@@ -401,9 +420,7 @@ class ModelManager:
             time.perf_counter() - start,
             list(model.served_tasks),
         )
-        return LoadedModel(
-            name, version, artifact, model, converter, batcher, self.table_dtype, self.metrics
-        )
+        return LoadedModel(name, version, artifact, model, converter, batcher, self.table_dtype)
 
     async def _set_status(self, name: str, serving: bool) -> None:
         if self._status.get(name) == serving:

@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -206,45 +207,59 @@ class FeatureSchema:
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_ids, pa.int64()))
 
+    @cached_property
+    def counted_features(self) -> tuple[str, ...]:
+        """The features `value_outcomes` counts: categorical and multi-categorical ones (dense
+        and bucketised features have no vocabulary)."""
+        return tuple(f.name for f in self.sparse if f.kind != "bucketized")
+
     def value_outcomes(
         self, raw: pa.Table, encoded: pa.Table | None = None
     ) -> dict[str, np.ndarray]:
         """How many values of each categorical feature the vocabularies knew.
 
-        Returns, per categorical and multi-categorical feature of `raw`, counts in
-        `VALUE_OUTCOMES` order: values that map to a trained id; values present but outside the
-        vocabulary (unseen in training or below its min count: they get the OOV id); missing
-        values (null, an empty bag or a null in a bag). Bag elements count one by one. Dense and
-        bucketised features have no vocabulary and are left out. `encoded`: `encode(raw)` when
-        the caller has it (the server), so the lookups are not done twice.
+        Returns, per feature of `counted_features`, counts in `VALUE_OUTCOMES` order: values
+        that map to a trained id; values present but outside the vocabulary (unseen in training
+        or below its min count: they get the OOV id); missing values (null, an empty bag or a
+        null in a bag). Bag elements count one by one. `encoded`: `encode(raw)` when the caller
+        has it, so the lookups are not done twice. The server uses the two halves,
+        `missing_values` per request and `id_counts` per batch, to stay cheap.
         """
-        counts = {}
-        columns = set(raw.column_names)
-        for feature in self.sparse:
-            if feature.kind == "bucketized" or feature.name not in columns:
-                continue
-            # a few Arrow/NumPy calls per feature, no chunk concatenation: the server runs this
-            # on every request
-            sent = raw[feature.name]
-            ids = (
-                encoded[feature.name]
-                if encoded is not None
-                else pa.chunked_array([self._encode_sparse(feature, sent)])
+        if encoded is None:
+            names = self.counted_features
+            encoded = pa.table(
+                {
+                    f.name: self._encode_sparse(f, raw[f.name])
+                    for f in self.sparse
+                    if f.name in names
+                }
             )
-            if feature.kind == "categorical":
-                missing = sent.null_count
-                known = sum(int(np.count_nonzero(_ids_of(c) != OOV_ID)) for c in _chunks(ids))
-                oov = len(sent) - missing - known
-            else:
-                values = pc.list_flatten(sent)  # the elements of the bags (null bags add none)
-                flat = [c.flatten() for c in _chunks(ids)]
-                # encode gives every empty or null bag one OOV id, so the encoded elements
-                # outnumber the sent ones by the number of such bags
-                empty = sum(len(c) for c in flat) - len(values)
-                missing = empty + values.null_count
-                known = sum(int(np.count_nonzero(_ids_of(c) != OOV_ID)) for c in flat)
-                oov = len(values) - values.null_count - known
-            counts[feature.name] = np.array([known, oov, missing], dtype=np.int64)
+        return outcomes_from(self.missing_values(raw), self.id_counts(encoded), self)
+
+    def missing_values(self, raw: pa.Table) -> np.ndarray:
+        """Missing values per counted feature of raw rows (null values, empty or null bags and
+        nulls in bags), in `counted_features` order."""
+        missing = np.zeros(len(self.counted_features), dtype=np.int64)
+        for i, name in enumerate(self.counted_features):
+            sent = raw.column(name)
+            if not pa.types.is_list(sent.type) and not pa.types.is_large_list(sent.type):
+                missing[i] = sent.null_count
+                continue
+            for chunk in sent.chunks:
+                lengths = chunk.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+                missing[i] += np.count_nonzero(lengths == 0) + chunk.flatten().null_count
+        return missing
+
+    def id_counts(self, encoded: pa.Table) -> np.ndarray:
+        """[ids other than OOV, all ids] per counted feature of encoded rows (bags: per
+        element, an empty bag being one OOV id), shape (features, 2)."""
+        counts = np.zeros((len(self.counted_features), 2), dtype=np.int64)
+        for i, name in enumerate(self.counted_features):
+            for chunk in encoded.column(name).chunks:
+                if pa.types.is_list(chunk.type):
+                    chunk = chunk.flatten()
+                ids = chunk.to_numpy(zero_copy_only=False)
+                counts[i] += (np.count_nonzero(ids != OOV_ID), len(ids))
         return counts
 
     # --- persistence --------------------------------------------------------------------------
@@ -294,12 +309,15 @@ class FeatureSchema:
         )
 
 
-def _chunks(column: pa.ChunkedArray | pa.Array) -> list[pa.Array]:
-    return column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-
-
-def _ids_of(array: pa.Array) -> np.ndarray:
-    return array.to_numpy(zero_copy_only=False)
+def outcomes_from(
+    missing: np.ndarray, id_counts: np.ndarray, schema: FeatureSchema
+) -> dict[str, np.ndarray]:
+    """`VALUE_OUTCOMES` counts per counted feature from `missing_values` and `id_counts` of
+    the same rows (summed over requests and batches alike): every missing value, empty bag or
+    null encodes as the OOV id, so the OOV ids beyond the missing values are the unseen ones."""
+    known, total = id_counts[:, 0], id_counts[:, 1]
+    outcomes = np.stack([known, total - known - missing, missing], axis=1)
+    return dict(zip(schema.counted_features, outcomes, strict=True))
 
 
 def _as_float(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
