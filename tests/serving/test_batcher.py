@@ -217,3 +217,37 @@ def test_a_scorer_returning_the_wrong_number_of_rows_is_an_error() -> None:
     with pytest.raises(RuntimeError, match=r"returned 1 scores \(expected 3, one per row\)"):
         _run(batcher.submit(_rows(1, 2, 3)))
     executor.shutdown()
+
+
+def test_value_counts_run_once_per_scored_batch_with_its_requests_missing_summed() -> None:
+    model = FakeModel()
+    calls: list[tuple[int, list[int]]] = []
+    executor = ThreadPoolExecutor(1)
+    batcher = MicroBatcher(
+        model,
+        BatcherConfig(max_batch_rows=8, max_wait_s=5.0, max_queue_rows=32),
+        executor,
+        count_values=lambda table, missing: calls.append((table.num_rows, missing.tolist())),
+    )
+
+    async def go() -> None:
+        requests = [(_rows(1, 2), [1, 0]), (_rows(3), [0, 2]), (_rows(4, 5, 6, 7, 8), [3, 1])]
+        await asyncio.gather(*(batcher.submit(t, None, np.array(m)) for t, m in requests))
+
+    _run(go())
+    executor.shutdown()
+    assert calls == [(8, [4, 3])]  # one batch: its 8 rows, and the missing counts added up
+
+
+def test_a_failing_value_count_does_not_fail_the_batch(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(table: pa.Table, missing: np.ndarray) -> None:
+        raise ValueError("boom")
+
+    executor = ThreadPoolExecutor(1)
+    batcher = MicroBatcher(
+        FakeModel(), BatcherConfig(max_wait_s=0.0), executor, ("m", 1), count_values=broken
+    )
+    result = _run(batcher.submit(_rows(5), None, np.array([0])))
+    executor.shutdown()
+    np.testing.assert_allclose(result["ctr"], [0.005])
+    assert "counting the batch's values failed" in caplog.text
