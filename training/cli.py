@@ -237,6 +237,7 @@ def evaluate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     def go() -> int:
+        from recsys.features.schema import coverage_line
         from training.jobs import evaluate as evaluate_job
 
         report = evaluate_job(
@@ -258,12 +259,8 @@ def evaluate(argv: list[str]) -> int:
                     auc = "n/a (one class)" if unseen["auc"] is None else f"{unseen['auc']:.4f}"
                     rows = unseen["rows"]
                     print(f"  rows whose {column} is unseen in training: {rows}, auc={auc}")
-        shares = [
-            f"{name} {v['out_of_vocabulary_share']:.1%}"
-            for name, v in report["vocabulary"].items()
-            if v["out_of_vocabulary"]
-        ]
-        print(f"out of vocabulary (scored as the OOV id): {', '.join(shares) or 'none'}")
+        unseen = coverage_line(report["vocabulary"])
+        print(f"out of vocabulary (scored as the OOV id): {unseen}")
         print(f"metrics written to {args.output / 'metrics.json'}")
         print(json.dumps({t: m["auc"] for t, m in report["tasks"].items()}))
         return 0

@@ -8,10 +8,12 @@ side tables of user and item features keyed by id, for the artifact.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,13 +25,19 @@ from recsys.data.movielens import MOVIELENS_TASKS, default_data_dir, prepare_mov
 from recsys.data.schema import DatasetSchema
 from recsys.data.splits import SPLITS, split_files
 from recsys.errors import DataError
-from recsys.features.schema import FeatureSchema, fit_feature_schema
+from recsys.features.schema import (
+    FeatureSchema,
+    coverage_line,
+    coverage_report,
+    fit_feature_schema,
+)
 from training.config import DataConfig
 
 logger = logging.getLogger(__name__)
 
 ROW_COLUMN = "__row__"
 GROUP_COLUMN = "__group__"  # the raw user id of valid/test rows, for GAUC
+VOCABULARY_FILE = "vocabulary.json"  # per split: values known to the train vocabulary or not
 
 
 # A fixed 64-bit multiplicative hash (Knuth's golden-ratio constant) of a valid row's number,
@@ -128,11 +136,15 @@ def encode_splits(
     Splits are read `chunk_rows` rows at a time, so memory does not grow with their size.
     Train rows are shuffled with `seed` within each chunk and written as shards of
     `rows_per_shard`, so reading files in a random order mixes users and items. Valid and test
-    keep their row order (shards numbered in order).
+    keep their row order (shards numbered in order). Each split's categorical values are
+    counted as known, out of the train vocabulary or missing into `out_dir/vocabulary.json`
+    (see `read_vocabulary_counts`), and the unseen shares are logged.
     """
     rng = np.random.default_rng(seed)
     folders = {}
+    coverage = {}
     for split in SPLITS:
+        counts: dict[str, np.ndarray] = {}
         folder = out_dir / split
         folder.mkdir(parents=True, exist_ok=True)
         row_offset, shard = 0, 0
@@ -146,6 +158,8 @@ def encode_splits(
         )
         for table in iter_tables(data.files[split], batch_rows=chunk_rows):
             encoded = features.encode(table, where=f"{split} split")
+            for name, per_outcome in features.value_outcomes(table, encoded).items():
+                counts[name] = counts.get(name, 0) + per_outcome
             encoded = encoded.append_column(
                 ROW_COLUMN, pa.array(np.arange(row_offset, row_offset + table.num_rows))
             )
@@ -163,7 +177,21 @@ def encode_splits(
             bar.update(table.num_rows)
         bar.close()
         folders[split] = folder
+        coverage[split] = coverage_report(counts)
+        if split != "train":  # train's vocabulary misses only its own rare values
+            logger.info(
+                "%s split: out of the train vocabulary (scored as the OOV id): %s",
+                split,
+                coverage_line(coverage[split]),
+            )
+    (out_dir / VOCABULARY_FILE).write_text(json.dumps(coverage, indent=2))
     return folders
+
+
+def read_vocabulary_counts(encoded_dir: Path) -> dict[str, Any] | None:
+    """What `encode_splits` counted per split (None for a folder encoded before it counted)."""
+    path = encoded_dir / VOCABULARY_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def side_tables(data: SplitFiles, chunk_rows: int = 1 << 18) -> dict[str, pa.Table]:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from recsys.artifact import load_artifact, resolve_version_dir, score_table, verify_artifact
 from recsys.errors import ArtifactError, ConfigError, DataError
-from recsys.features.schema import OOV_ID, VALUE_OUTCOMES, FeatureSchema
+from recsys.features.schema import OOV_ID, FeatureSchema, coverage_report
 from recsys.logs import quiet_libraries
 from recsys.metrics import auc_by_group, binary_metrics
 from training.config import ExperimentConfig
@@ -352,25 +352,21 @@ def _seen_in_training(schema: FeatureSchema, table: pa.Table) -> dict[str, np.nd
 
 def vocabulary_coverage(
     schema: FeatureSchema, inputs: list[Path], batch_rows: int = 65_536
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, dict[str, int | float]]:
     """Per categorical feature over the input files: values known to the model's vocabulary,
     out of it (they score as the OOV id) and missing, with the out-of-vocabulary share.
 
     Streams only the categorical columns, a batch at a time, so it runs on inputs of any size.
     """
-    names = [f.name for f in schema.sparse if f.kind != "bucketized"]
     totals: dict[str, np.ndarray] = {}
     for path in inputs:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=names):
+        batches = pq.ParquetFile(path).iter_batches(
+            batch_size=batch_rows, columns=list(schema.counted_features)
+        )
+        for batch in batches:
             for name, counts in schema.value_outcomes(pa.Table.from_batches([batch])).items():
                 totals[name] = totals.get(name, 0) + counts
-    coverage = {}
-    for name, counts in totals.items():
-        entry: dict[str, Any] = dict(zip(VALUE_OUTCOMES, map(int, counts), strict=True))
-        present = entry["known"] + entry["out_of_vocabulary"]
-        entry["out_of_vocabulary_share"] = entry["out_of_vocabulary"] / present if present else 0.0
-        coverage[name] = entry
-    return coverage
+    return coverage_report(totals)
 
 
 def metrics_from_predictions(schema: FeatureSchema, table: pa.Table) -> dict[str, Any]:

@@ -57,6 +57,7 @@ from training.data import (
     count_rows,
     filter_valid_part,
     iter_tables,
+    read_vocabulary_counts,
     rebatch,
     split_files,
 )
@@ -509,7 +510,11 @@ def _finish_on_rank0(
         "test_per_domain": test_per_domain,
         "select_metric": cfg.train.select_metric,
         "train_wall_s": progress.wall_s,
-        "data": {"dataset": cfg.data.dataset, "path": str(raw_root.resolve())},
+        "data": {
+            "dataset": cfg.data.dataset,
+            "path": str(raw_root.resolve()),
+            "vocabulary": read_vocabulary_counts(Path(paths.encoded_dir)),
+        },
         "num_workers": cfg.ray.num_workers,
     }
     side_dir = Path(paths.side_dir)

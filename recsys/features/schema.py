@@ -320,6 +320,30 @@ def outcomes_from(
     return dict(zip(schema.counted_features, outcomes, strict=True))
 
 
+def coverage_report(counts: dict[str, np.ndarray]) -> dict[str, dict[str, int | float]]:
+    """`value_outcomes` counts (summed over any rows) as JSON: per feature the three counts and
+    `out_of_vocabulary_share`, the unseen share of the values present."""
+    report = {}
+    for name, per_outcome in counts.items():
+        entry: dict[str, int | float] = dict(
+            zip(VALUE_OUTCOMES, map(int, per_outcome), strict=True)
+        )
+        present = entry["known"] + entry["out_of_vocabulary"]
+        entry["out_of_vocabulary_share"] = entry["out_of_vocabulary"] / present if present else 0.0
+        report[name] = entry
+    return report
+
+
+def coverage_line(report: dict[str, dict[str, int | float]]) -> str:
+    """The features with unseen values and their share, for one log or console line."""
+    shares = [
+        f"{name} {entry['out_of_vocabulary_share']:.1%}"
+        for name, entry in report.items()
+        if entry["out_of_vocabulary"]
+    ]
+    return ", ".join(shares) or "none"
+
+
 def _as_float(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return column.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
 

@@ -19,6 +19,7 @@ from training.data import (
     fit_features,
     iter_tables,
     locate_dataset,
+    read_vocabulary_counts,
     rebatch,
     side_tables,
 )
@@ -104,6 +105,18 @@ def test_small_chunks_encode_valid_and_test_in_row_order(tmp_path: Path, ml100k_
     # train is shuffled within chunks: the same rows, in another order
     a, b = pq.read_table(small["train"]), pq.read_table(large["train"])
     assert sorted(a[ROW_COLUMN].to_pylist()) == sorted(b[ROW_COLUMN].to_pylist())
+    # the per-split value counts do not depend on the chunking, and match a count with sets
+    counted = read_vocabulary_counts(tmp_path / "small")
+    assert counted is not None and counted == read_vocabulary_counts(tmp_path / "large")
+    train_items = set(
+        pq.read_table(data.files["train"], columns=["item_id"])["item_id"].to_pylist()
+    )
+    for split in ("valid", "test"):
+        items = pq.read_table(data.files[split], columns=["item_id"])["item_id"].to_pylist()
+        unseen = sum(item not in train_items for item in items)
+        assert counted[split]["item_id"]["out_of_vocabulary"] == unseen > 0
+        assert counted[split]["item_id"]["known"] == len(items) - unseen
+    assert counted["train"]["item_id"]["out_of_vocabulary"] == 0  # min_count 1: all kept
 
 
 @pytest.mark.parametrize("sizes", [[7, 3, 10, 1], [25], [5, 5], []])

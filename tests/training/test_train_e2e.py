@@ -144,6 +144,11 @@ def test_evaluate_recomputes_test_auc_from_fresh_predictions(trained: dict[str, 
     # the same test AUC the training job measured at export
     assert report["tasks"]["ctr"]["auc"] == pytest.approx(result["test_auc"], abs=1e-9)
     assert len(report["tasks"]["ctr"]["per_domain"]) >= 15  # occupations with both classes
+    # the test split's value counts: the same whether taken while training encoded the split
+    # (stored in the artifact) or by evaluate from the raw rows
+    stored = json.loads((Path(report["artifact"]) / "metrics.json").read_text())
+    assert report["vocabulary"] == stored["data"]["vocabulary"]["test"]
+    assert report["vocabulary"]["item_id"]["out_of_vocabulary"] > 0
 
 
 def test_evaluate_a_parquet_file_the_artifact_has_no_metrics_for(
