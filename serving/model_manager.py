@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from recsys.artifact import Artifact, list_versions, load_artifact
 from recsys.errors import ArtifactError, ConfigError
-from recsys.features.schema import FeatureSchema, outcomes_from
+from recsys.features.schema import FeatureSchema
 from recsys.models.outputs import CTRModel
 from serving._pb.recsys.v1 import scoring_pb2 as pb
 from serving.batcher import BatcherConfig, MicroBatcher, Scores, forward
@@ -76,7 +76,7 @@ def _count_values(
 ) -> None:
     """A scored batch's categorical values into `recsys_feature_values_total`: its ids are
     counted here, in the scoring thread, once per batch; `missing` comes from the requests."""
-    metrics.record_values(model, outcomes_from(missing, schema.id_counts(encoded), schema))
+    metrics.record_values(model, schema.outcomes_from(missing, schema.id_counts(encoded)))
 
 
 @dataclass(frozen=True)

@@ -234,7 +234,7 @@ class FeatureSchema:
                     if f.name in names
                 }
             )
-        return outcomes_from(self.missing_values(raw), self.id_counts(encoded), self)
+        return self.outcomes_from(self.missing_values(raw), self.id_counts(encoded))
 
     def missing_values(self, raw: pa.Table) -> np.ndarray:
         """Missing values per counted feature of raw rows (null values, empty or null bags and
@@ -261,6 +261,15 @@ class FeatureSchema:
                 ids = chunk.to_numpy(zero_copy_only=False)
                 counts[i] += (np.count_nonzero(ids != OOV_ID), len(ids))
         return counts
+
+    def outcomes_from(self, missing: np.ndarray, id_counts: np.ndarray) -> dict[str, np.ndarray]:
+        """`VALUE_OUTCOMES` counts per counted feature from `missing_values` and `id_counts` of
+        the same rows (summed over requests and batches alike): every missing value, empty bag
+        or null encodes as the OOV id, so the OOV ids beyond the missing values are the unseen
+        ones."""
+        known, total = id_counts[:, 0], id_counts[:, 1]
+        outcomes = np.stack([known, total - known - missing, missing], axis=1)
+        return dict(zip(self.counted_features, outcomes, strict=True))
 
     # --- persistence --------------------------------------------------------------------------
     def save(self, directory: Path) -> list[Path]:
@@ -307,17 +316,6 @@ class FeatureSchema:
             dense=tuple(DenseFeature(f["name"], f["mean"], f["std"]) for f in doc["dense"]),
             vocabs=vocabs,
         )
-
-
-def outcomes_from(
-    missing: np.ndarray, id_counts: np.ndarray, schema: FeatureSchema
-) -> dict[str, np.ndarray]:
-    """`VALUE_OUTCOMES` counts per counted feature from `missing_values` and `id_counts` of
-    the same rows (summed over requests and batches alike): every missing value, empty bag or
-    null encodes as the OOV id, so the OOV ids beyond the missing values are the unseen ones."""
-    known, total = id_counts[:, 0], id_counts[:, 1]
-    outcomes = np.stack([known, total - known - missing, missing], axis=1)
-    return dict(zip(schema.counted_features, outcomes, strict=True))
 
 
 def coverage_report(counts: dict[str, np.ndarray]) -> dict[str, dict[str, int | float]]:
