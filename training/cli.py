@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from recsys.errors import ArtifactError, ConfigError, DataError, Interrupted, SchemaError
@@ -36,6 +40,46 @@ def _run(fn: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted: stopped by the user (Ctrl-C)", file=sys.stderr)
         return 130
+    finally:
+        try:
+            stop_ray()
+        except KeyboardInterrupt:  # pressed just before stop_ray's own handler was in place
+            stop_ray()
+
+
+def stop_ray() -> None:
+    """Stops the Ray this command started or joined, before the interpreter's exit would.
+
+    Ray stops itself in an atexit hook, which takes a few seconds (it waits for its
+    processes); a Ctrl-C in those seconds interrupted the hook with a traceback and could leave
+    it half done. Here the command's work is over, so Ctrl-C no longer raises: the first press
+    says what is going on, a second one exits at once. The handler stays in place, since the
+    process exits next.
+    """
+    ray = sys.modules.get("ray")  # commands that never imported Ray have nothing to stop
+    if ray is None or not ray.is_initialized():
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_ctrl_c_while_stopping)
+    ray.shutdown()
+
+
+def _on_ctrl_c_while_stopping(signum: int, frame: FrameType | None) -> None:
+    _CTRL_C_WHILE_STOPPING.append(signum)
+    if len(_CTRL_C_WHILE_STOPPING) == 1:
+        print(
+            "stopping Ray's processes (a few seconds); Ctrl-C again to exit without waiting",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    print("interrupted: exited before Ray's processes had stopped", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
+_CTRL_C_WHILE_STOPPING: list[int] = []
 
 
 def data(argv: list[str]) -> int:

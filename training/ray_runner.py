@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,6 +127,26 @@ def _state_api_for_ray_processes(url: str) -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = previous
+
+
+@contextlib.contextmanager
+def _sigint_handler_restored() -> Iterator[None]:
+    """Puts back this process's SIGINT handler when the block ends.
+
+    `TorchTrainer.fit()` installs Ray Train's handler (abort the run's controller) and leaves it
+    installed after the run ends: a Ctrl-C later (during the artifact's parity check, or while
+    Ray shuts down at exit) then called `abort` on a dead actor, which started a second local
+    Ray, printed a traceback and ended in a segfault. Signal handlers can only be set from the
+    main thread; elsewhere there is nothing to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler not set from Python, nothing to put back
+            signal.signal(signal.SIGINT, previous)
 
 
 def _quiet_data_context() -> None:
@@ -274,7 +296,8 @@ def run_trainer(cfg: ExperimentConfig, paths: RunPaths) -> None:
         ),
     )
     try:
-        result = trainer.fit()
+        with _sigint_handler_restored():
+            result = trainer.fit()
     except (KeyboardInterrupt, SystemExit) as e:
         # Ray Train's own Ctrl-C handler aborts the run, then raises SystemExit (or, on the
         # third Ctrl-C, exits at once); before fit() registers it, Python's KeyboardInterrupt.
