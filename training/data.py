@@ -24,7 +24,7 @@ from tqdm import tqdm
 from recsys.data.movielens import MOVIELENS_TASKS, default_data_dir, prepare_movielens
 from recsys.data.schema import DatasetSchema
 from recsys.data.splits import SPLITS, split_files
-from recsys.errors import DataError
+from recsys.errors import DataError, SchemaError
 from recsys.features.schema import (
     FeatureSchema,
     coverage_line,
@@ -210,6 +210,9 @@ def side_tables(data: SplitFiles, chunk_rows: int = 1 << 18) -> dict[str, pa.Tab
         seen: pa.Array | None = None  # ids kept so far
         for split in SPLITS:
             for table in iter_tables(data.files[split], columns=columns, batch_rows=chunk_rows):
+                table = _with_id_type(table, entity.id_column, seen, split)
+                # a row without an id describes no user or item
+                table = table.filter(pc.is_valid(table[entity.id_column]))
                 ids = table[entity.id_column].combine_chunks()
                 _, first = np.unique(ids.to_numpy(zero_copy_only=False), return_index=True)
                 new = table.take(pa.array(np.sort(first)))
@@ -221,6 +224,27 @@ def side_tables(data: SplitFiles, chunk_rows: int = 1 << 18) -> dict[str, pa.Tab
                     seen = added if seen is None else pa.concat_arrays([seen, added])
         tables[entity_name] = pa.concat_tables(kept).combine_chunks() if kept else None
     return {k: v for k, v in tables.items() if v is not None}
+
+
+def _with_id_type(table: pa.Table, id_column: str, seen: pa.Array | None, split: str) -> pa.Table:
+    """`table` with its id column decoded (a dictionary-encoded column, as pandas writes a
+    `category`) and cast to the type of the ids kept so far (a split may store numeric ids as
+    strings, or in a narrower integer type, as encoding allows)."""
+    column = table[id_column]
+    target = seen.type if seen is not None else column.type
+    if pa.types.is_dictionary(target):
+        target = target.value_type
+    if column.type == target:
+        return table
+    try:
+        cast = column.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise SchemaError(
+            f"{split} split: id column '{id_column}' of type {column.type} cannot be read as "
+            f"{target}, the type of the earlier splits' ids (first values "
+            f"{column.slice(0, 3).to_pylist()}); write the id with one type in every split"
+        ) from e
+    return table.set_column(table.schema.get_field_index(id_column), id_column, cast)
 
 
 def count_rows(files: list[Path]) -> int:

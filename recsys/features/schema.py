@@ -56,28 +56,49 @@ class Vocabulary:
         """
         if isinstance(column, pa.ChunkedArray):
             column = column.combine_chunks()
+        if pa.types.is_dictionary(column.type):
+            column = column.dictionary_decode()
         if len(self.values) == 0:
             return np.zeros(len(column), dtype=np.int64)
-        column = _cast_like(column, self.values.type, name)
         if pa.types.is_integer(self.values.type):
+            if not pa.types.is_integer(column.type):
+                column = _cast_like(column, self.values.type, name)
             # Sorted keys + searchsorted: no hash table rebuilt per call, so large integer
-            # vocabularies (synthetic-ctr, millions of ids) stay cheap per batch.
+            # vocabularies (synthetic-ctr, millions of ids) stay cheap per batch. Integers of
+            # any width are compared as 64-bit numbers rather than cast to the vocabulary's
+            # type: an id a narrow vocabulary type cannot hold (300 against int8 ids) is
+            # simply unseen.
             keys, ids = self._sorted_integer_index()
-            raw = column.fill_null(np.iinfo(np.int64).min).to_numpy(zero_copy_only=False)
+            raw, valid = _integer_values(column, keys.dtype)
             pos = np.clip(np.searchsorted(keys, raw), 0, len(keys) - 1)
-            found = (keys[pos] == raw) & column.is_valid().to_numpy(zero_copy_only=False)
+            found = (keys[pos] == raw) & valid
             return np.where(found, ids[pos], OOV_ID).astype(np.int64)
+        column = _cast_like(column, self.values.type, name)
         index = pc.index_in(column, value_set=self.values)
         return (pc.fill_null(index, -1).to_numpy(zero_copy_only=False) + 1).astype(np.int64)
 
     def _sorted_integer_index(self) -> tuple[np.ndarray, np.ndarray]:
         cached = self.__dict__.get("_sorted")
         if cached is None:
-            values = self.values.to_numpy(zero_copy_only=False).astype(np.int64)
+            wide = np.uint64 if self.values.type == pa.uint64() else np.int64
+            values = self.values.to_numpy(zero_copy_only=False).astype(wide)
             order = np.argsort(values, kind="stable")
             cached = (values[order], order.astype(np.int64) + 1)
             object.__setattr__(self, "_sorted", cached)
         return cached
+
+
+def _integer_values(column: pa.Array, wide: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """An integer column's values as `wide` (int64 or uint64), and which rows hold a value
+    `wide` can represent (nulls, negatives against uint64 and uint64 values above the int64
+    range against int64 are False: they cannot be in the vocabulary)."""
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    values = column.fill_null(0).to_numpy(zero_copy_only=False)
+    if wide == np.uint64 and np.issubdtype(values.dtype, np.signedinteger):
+        valid &= values >= 0
+    elif wide == np.int64 and values.dtype == np.uint64:
+        valid &= values <= np.iinfo(np.int64).max
+    return values.astype(wide), valid  # any wrapped value is masked out by `valid`
 
 
 def _cast_like(column: pa.Array, target: pa.DataType, name: str | None = None) -> pa.Array:
@@ -111,7 +132,8 @@ class SparseFeature:
 
 @dataclass(frozen=True)
 class DenseFeature:
-    """A dense feature, standardised with train statistics: (x - mean) / std, null -> 0."""
+    """A dense feature, standardised with train statistics: (x - mean) / std; a missing, NaN or
+    infinite value -> 0 (the train mean, which is fitted on finite values only)."""
 
     name: str
     mean: float
@@ -171,7 +193,9 @@ class FeatureSchema:
             out[feature.name] = self._encode_sparse(feature, table[feature.name])
         for dense in self.dense:
             values = _as_float(table[dense.name]).astype(np.float64)
-            standardised = np.nan_to_num((values - dense.mean) / dense.std, nan=0.0)
+            standardised = (values - dense.mean) / dense.std
+            # missing, NaN and infinite values all become the mean (0 after standardising)
+            standardised[~np.isfinite(standardised)] = 0.0
             out[dense.name] = pa.array(standardised.astype(np.float32))
         if self.dataset.domain is not None:
             out[DOMAIN_COLUMN] = pa.array(
@@ -188,7 +212,7 @@ class FeatureSchema:
         if feature.kind == "bucketized":
             values = _as_float(column)
             ids = np.searchsorted(np.asarray(feature.bucket_edges), values, side="right") + 1
-            return pa.array(np.where(np.isnan(values), OOV_ID, ids).astype(np.int64))
+            return pa.array(np.where(np.isfinite(values), ids, OOV_ID).astype(np.int64))
         vocab = self.vocabs[feature.name]
         if feature.kind == "categorical":
             return pa.array(vocab.lookup(column, feature.name))
@@ -375,7 +399,7 @@ def fit_feature_schema(
     number of distinct values, not the number of rows.
     """
     counts: dict[str, list[pa.Table]] = {c.name: [] for c in _vocab_columns(dataset)}
-    moments: dict[str, np.ndarray] = {c.name: np.zeros(3) for c in dataset.dense}
+    moments: dict[str, np.ndarray] = {c.name: np.zeros(3) for c in dataset.dense}  # n, mean, M2
     samples: dict[str, list[np.ndarray]] = {
         c.name: [] for c in dataset.sparse if c.role == Role.DENSE
     }
@@ -387,14 +411,14 @@ def fit_feature_schema(
             column = table[name]
             if dataset.column(name).role == Role.MULTI_CATEGORICAL:
                 column = pc.list_flatten(column)
+            if pa.types.is_dictionary(column.type):  # e.g. a pandas `category` column
+                column = column.cast(column.type.value_type)
             vc = pc.value_counts(column.drop_null()).flatten()
             counts[name].append(pa.table({"value": vc[0], "count": vc[1]}))
             if len(counts[name]) > 16:
-                counts[name] = [_merge_counts(counts[name])]
+                counts[name] = [_merge_counts(counts[name], name)]
         for name, m in moments.items():
-            values = _as_float(table[name])
-            values = values[~np.isnan(values)]
-            m += (len(values), values.sum(), (values**2).sum())
+            _merge_moments(m, _as_float(table[name]))
         if sampled < max_quantile_sample:
             for name in samples:
                 samples[name].append(_as_float(table[name])[: max_quantile_sample - sampled])
@@ -402,7 +426,7 @@ def fit_feature_schema(
 
     vocabs = {}
     for name, tables in counts.items():
-        merged = _merge_counts(tables)
+        merged = _merge_counts(tables, name)
         spec = dataset.column(name)
         merged = merged.filter(pc.greater_equal(merged["count"], spec.min_count))
         # most frequent first, ties by value: deterministic and frequency-ordered
@@ -412,7 +436,7 @@ def fit_feature_schema(
     for spec in dataset.sparse:
         if spec.role == Role.DENSE:
             values = np.concatenate(samples[spec.name]) if samples[spec.name] else np.zeros(0)
-            values = values[~np.isnan(values)]
+            values = values[np.isfinite(values)]
             assert spec.num_buckets is not None
             quantiles = np.linspace(0, 1, spec.num_buckets + 1)[1:-1]
             edges = np.unique(np.quantile(values, quantiles)) if len(values) else np.zeros(0)
@@ -431,14 +455,15 @@ def fit_feature_schema(
             )
     dense = []
     for spec in dataset.dense:
-        n, total, total_sq = moments[spec.name]
+        n, mean, m2 = moments[spec.name]
         if n == 0:
             raise SchemaError(
-                f"train split: dense column '{spec.name}' has no values "
+                f"train split: dense column '{spec.name}' has no finite values "
                 f"(expected numbers); drop it from the schema"
             )
-        mean = total / n
-        std = float(np.sqrt(max(total_sq / n - mean**2, 0.0))) or 1.0
+        std = float(np.sqrt(m2 / n))
+        if std <= 1e-12 * max(abs(mean), 1.0):  # constant up to rounding: nothing to scale
+            std = 1.0
         dense.append(DenseFeature(spec.name, float(mean), std))
     schema = FeatureSchema(dataset, tuple(sparse), tuple(dense), vocabs)
     logger.info("fitted features: %s", {f.name: f.num_embeddings for f in sparse})
@@ -452,6 +477,38 @@ def _vocab_columns(dataset: DatasetSchema) -> list[ColumnSpec]:
     return columns
 
 
-def _merge_counts(tables: list[pa.Table]) -> pa.Table:
-    merged = pa.concat_tables(tables).group_by("value").aggregate([("count", "sum")])
+def _merge_counts(tables: list[pa.Table], name: str) -> pa.Table:
+    """Sums value counts of one column over batches. Files of one split may hold the column
+    with different but compatible types (string and large_string; pandas writes an all-null
+    column as null), so the types are unified first."""
+    tables = [t for t in tables if t.num_rows] or tables[:1]  # an empty batch has no say
+    try:
+        joined = pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        types = sorted({str(t.schema.field("value").type) for t in tables})
+        raise SchemaError(
+            f"train split: column '{name}' has values of different types across files "
+            f"({', '.join(types)}); write it with one type in every file"
+        ) from e
+    merged = joined.group_by("value").aggregate([("count", "sum")])
     return pa.table({"value": merged["value"], "count": merged["count_sum"]})
+
+
+def _merge_moments(moments: np.ndarray, values: np.ndarray) -> None:
+    """Adds a batch's finite values to running [count, mean, M2] in place (Chan et al.'s
+    pairwise update). Written out because E[x^2] - E[x]^2 loses every digit of the spread
+    when the mean is large (ids or timestamps near 1e9) and no library streams this."""
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return
+    n, mean, m2 = moments
+    batch_n = len(values)
+    batch_mean = float(values.mean())
+    batch_m2 = float(np.square(values - batch_mean).sum())
+    total = n + batch_n
+    delta = batch_mean - mean
+    moments[:] = (
+        total,
+        mean + delta * batch_n / total,
+        m2 + batch_m2 + delta**2 * n * batch_n / total,
+    )

@@ -57,6 +57,24 @@ def _as_groups(values: ArrayLike | torch.Tensor) -> npt.NDArray[Any]:
     return np.asarray(values).reshape(-1)
 
 
+def _present_groups(
+    labels: FloatArray, scores: FloatArray, groups: npt.NDArray[Any]
+) -> tuple[FloatArray, FloatArray, npt.NDArray[Any]]:
+    """The rows whose group key is present: a missing key (None, or NaN in a float or object
+    array, as a null user id reads from Arrow) names no group, so its rows are left out rather
+    than pooled into one made-up group."""
+    if groups.dtype == object:
+        missing = np.equal(groups, None) | (groups != groups)
+    elif np.issubdtype(groups.dtype, np.floating):
+        missing = np.isnan(groups)
+    else:
+        return labels, scores, groups
+    if not missing.any():
+        return labels, scores, groups
+    keep = ~np.asarray(missing, dtype=bool)
+    return labels[keep], scores[keep], groups[keep]
+
+
 def _check_same_length(first: npt.NDArray[Any], second: npt.NDArray[Any], names: str) -> None:
     if len(first) != len(second):
         raise SchemaError(
@@ -201,6 +219,7 @@ def _calibration(labels: FloatArray, probs: FloatArray) -> float:
 
 
 def _gauc(labels: FloatArray, scores: FloatArray, groups: npt.NDArray[Any]) -> float:
+    labels, scores, groups = _present_groups(labels, scores, groups)
     _, group_ids = np.unique(groups, return_inverse=True)
     group_ids = group_ids.reshape(-1).astype(np.intp, copy=False)
     numerator, num_pos, num_neg = _grouped_auc_terms(
@@ -345,7 +364,8 @@ def gauc(
 ) -> float:
     """Group AUC: AUC per group (e.g. user id) averaged with weights equal to the group's rows.
 
-    Groups whose rows are all one class have no AUC and are left out (of the weights too).
+    Groups whose rows are all one class have no AUC and are left out (of the weights too), and
+    so are rows with a missing group key (None or NaN).
     Vectorised over groups: one sort by (group, score), no Python loop.
 
     Args:
@@ -375,7 +395,8 @@ def auc_by_group(
     groups: ArrayLike | torch.Tensor,
 ) -> dict[str, dict[str, float | None]]:
     """The per-group table behind `gauc`: {group: {rows, positive_rate, auc}}, groups sorted
-    by key, `auc` None for a group with one class. Same vectorised kernel as `gauc`.
+    by key, `auc` None for a group with one class; rows with a missing key (None or NaN) are
+    left out. Same vectorised kernel as `gauc`.
 
     Example:
         >>> auc_by_group([0, 1, 0, 1, 1], [0.1, 0.9, 0.8, 0.2, 0.5], ["a", "a", "b", "b", "c"])
@@ -387,6 +408,7 @@ def auc_by_group(
     labels_arr, scores_arr = _checked(labels, scores, are_probs=False)
     groups_arr = _as_groups(groups)
     _check_same_length(labels_arr, groups_arr, "labels and groups")
+    labels_arr, scores_arr, groups_arr = _present_groups(labels_arr, scores_arr, groups_arr)
     keys, group_ids = np.unique(groups_arr, return_inverse=True)
     group_ids = group_ids.reshape(-1).astype(np.intp, copy=False)
     numerator, num_pos, num_neg = _grouped_auc_terms(

@@ -11,10 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsys.errors import ConfigError, DataError
+from recsys.data.schema import DatasetSchema
+from recsys.errors import ConfigError, DataError, SchemaError
 from training.config import ExperimentConfig, load_config
 from training.data import (
     ROW_COLUMN,
+    SplitFiles,
     encode_splits,
     fit_features,
     iter_tables,
@@ -90,6 +92,76 @@ def test_streamed_side_tables_equal_whole_split_ones(ml100k_dir: Path) -> None:
         expected = whole.take(pa.array(np.sort(first)))
         assert streamed[entity_name].equals(expected)
     assert streamed["user"].num_rows == 943 and streamed["item"].num_rows == 1682
+
+
+ENTITY_DATASET = DatasetSchema.from_dict(
+    {
+        "name": "entities",
+        "columns": [
+            {"name": "u", "role": "categorical"},
+            {"name": "age", "role": "dense"},
+            {"name": "y", "role": "label"},
+        ],
+        "user": {"id_column": "u", "feature_columns": ["age"]},
+    }
+)
+
+
+def _entity_splits(tmp_path: Path, ids: dict[str, pa.Array]) -> SplitFiles:
+    files = {}
+    for split, column in ids.items():
+        path = tmp_path / f"{split}.parquet"
+        ages = pa.array([float(10 * (n + 1)) for n in range(len(column))])
+        pq.write_table(pa.table({"u": column, "age": ages, "y": [0] * len(column)}), path)
+        files[split] = [path]
+    return SplitFiles(schema=ENTITY_DATASET, root=tmp_path, files=files)
+
+
+@pytest.mark.parametrize(
+    "valid_ids",
+    [
+        pa.array(["b", None, "c"]),  # a null id describes no user
+        pa.array(["b", None, "c"]).dictionary_encode(),  # pandas `category`
+        pa.array(["b", None, "c"], pa.large_string()),
+    ],
+    ids=["string", "dictionary", "large_string"],
+)
+def test_side_tables_skip_null_ids_and_read_any_id_encoding(
+    tmp_path: Path, valid_ids: pa.Array
+) -> None:
+    data = _entity_splits(
+        tmp_path,
+        {
+            "train": pa.array(["a", "b", None]).dictionary_encode(),
+            "valid": valid_ids,
+            "test": pa.array(["d"]),
+        },
+    )
+    users = side_tables(data)["user"]
+    # each id keeps its first row: a and b from train, c from valid (age 30), d from test
+    assert users["u"].to_pylist() == ["a", "b", "c", "d"]
+    assert users["age"].to_pylist() == [10.0, 20.0, 30.0, 10.0]
+
+
+def test_side_tables_read_numeric_ids_written_as_strings_in_a_later_split(tmp_path: Path) -> None:
+    data = _entity_splits(
+        tmp_path,
+        {
+            "train": pa.array([7, 5], pa.int32()),
+            "valid": pa.array(["5", "9"]),
+            "test": pa.array([9, 11]),
+        },
+    )
+    users = side_tables(data)["user"]
+    assert users["u"].type == pa.int32() and users["u"].to_pylist() == [7, 5, 9, 11]
+
+
+def test_side_tables_name_an_id_column_another_split_cannot_match(tmp_path: Path) -> None:
+    data = _entity_splits(
+        tmp_path, {"train": pa.array([7, 5]), "valid": pa.array(["x"]), "test": pa.array([9])}
+    )
+    with pytest.raises(SchemaError, match=r"valid split: id column 'u' of type string .* int64"):
+        side_tables(data)
 
 
 def test_small_chunks_encode_valid_and_test_in_row_order(tmp_path: Path, ml100k_dir: Path) -> None:

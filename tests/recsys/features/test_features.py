@@ -149,7 +149,9 @@ def test_fitting_in_batches_equals_fitting_at_once(schema: FeatureSchema) -> Non
     train = _train()
     streamed = fit_feature_schema(DATASET, [train.slice(0, 3), train.slice(3, 2), train.slice(5)])
     assert streamed.sparse == schema.sparse
-    assert streamed.dense == schema.dense
+    for got, want in zip(streamed.dense, schema.dense, strict=True):  # equal up to rounding
+        assert got.mean == pytest.approx(want.mean, rel=1e-12)
+        assert got.std == pytest.approx(want.std, rel=1e-12)
     for name, vocab in schema.vocabs.items():
         assert streamed.vocabs[name].values.to_pylist() == vocab.values.to_pylist()
 
@@ -464,3 +466,144 @@ def test_standardisation_is_finite_for_constant_train_column() -> None:
     assert price.std == 1.0  # a zero std would divide by zero
     encoded = schema.encode(_valid())
     assert all(math.isfinite(v) for v in encoded["price"].to_pylist())
+
+
+# --- column types a user's own Parquet brings ----------------------------------------------------
+ID_DATASET = DatasetSchema.from_dict(
+    {
+        "name": "ids",
+        "columns": [
+            {"name": "u", "role": "categorical"},
+            {"name": "tags", "role": "multi_categorical"},
+            {"name": "y", "role": "label"},
+        ],
+    }
+)
+
+
+def _id_table(ids: pa.Array, tags: pa.Array) -> pa.Table:
+    return pa.table({"u": ids, "tags": tags, "y": pa.array([0] * len(ids), pa.int8())})
+
+
+@pytest.mark.parametrize(
+    "id_type", [pa.int8(), pa.int16(), pa.int32(), pa.uint8(), pa.uint32(), pa.uint64()]
+)
+def test_integer_ids_of_any_width_encode_like_int64_ids(id_type: pa.DataType) -> None:
+    # counts 7:2, 5:1, 9:1 -> ids 7=1, 5=2, 9=3; null -> OOV. Bags: 3:2, 4:1 -> 3=1, 4=2.
+    ids, bags = [5, 7, 7, None, 9], [[3, 4], [3], [], None, [4, None]]
+    narrow = fit_feature_schema(
+        ID_DATASET, [_id_table(pa.array(ids, id_type), pa.array(bags, pa.list_(id_type)))]
+    )
+    wide = fit_feature_schema(
+        ID_DATASET, [_id_table(pa.array(ids, pa.int64()), pa.array(bags, pa.list_(pa.int64())))]
+    )
+    for schema in (narrow, wide):
+        encoded = schema.encode(
+            _id_table(pa.array(ids, id_type), pa.array(bags, pa.list_(id_type)))
+        )
+        assert encoded["u"].to_pylist() == [2, 1, 1, OOV_ID, 3]
+        assert encoded["tags"].to_pylist() == [[1, 2], [1], [OOV_ID], [OOV_ID], [2, OOV_ID]]
+
+
+def test_an_id_wider_than_a_narrow_vocabulary_is_unseen_not_an_error() -> None:
+    schema = fit_feature_schema(
+        ID_DATASET,
+        [_id_table(pa.array([5, 7], pa.int8()), pa.array([[1], [2]], pa.list_(pa.int8())))],
+    )
+    query = pa.table({"u": pa.array([300, 2**40, -(2**40), 7, 5]), "tags": [[1]] * 5})
+    assert schema.encode(query, require_labels=False)["u"].to_pylist() == [0, 0, 0, 2, 1]
+
+
+def test_uint64_ids_above_the_int64_range_keep_their_identity() -> None:
+    big = [2**63 + 1, 2**63 + 3, 2**63 + 3, 1]
+    schema = fit_feature_schema(
+        ID_DATASET, [_id_table(pa.array(big, pa.uint64()), pa.array([[1]] * 4))]
+    )
+    # 2**63 + 3 -> 1; then 1 and 2**63 + 1 by value; a negative int64 cannot be a uint64 id
+    query = pa.table(
+        {"u": pa.array([2**63 + 3, 2**63 + 1, 1, 2**63 + 2], pa.uint64()), "tags": [[1]] * 4}
+    )
+    assert schema.encode(query, require_labels=False)["u"].to_pylist() == [1, 3, 2, 0]
+    signed = pa.table({"u": pa.array([1, -1], pa.int64()), "tags": [[1]] * 2})
+    assert schema.encode(signed, require_labels=False)["u"].to_pylist() == [2, 0]
+
+
+def test_dictionary_encoded_columns_fit_and_encode_like_plain_ones() -> None:
+    # pandas writes a `category` column as dictionary<string>, also inside lists
+    plain = _id_table(pa.array(["b", "a", "b", None]), pa.array([["x"], ["x", "y"], [], None]))
+    coded = _id_table(
+        plain["u"].combine_chunks().dictionary_encode(),
+        pa.ListArray.from_arrays(
+            pa.array([0, 1, 3, 3, 3]), pa.array(["x", "x", "y"]).dictionary_encode()
+        ),
+    )
+    from_plain = fit_feature_schema(ID_DATASET, [plain])
+    from_coded = fit_feature_schema(ID_DATASET, [coded])
+    assert from_coded.vocabs["u"].values.to_pylist() == ["b", "a"]
+    for schema in (from_plain, from_coded):
+        for table in (plain, coded):
+            encoded = schema.encode(table)
+            assert encoded["u"].to_pylist() == [1, 2, 1, OOV_ID]
+            assert encoded["tags"].to_pylist()[:3] == [[1], [1, 2], [OOV_ID]]
+
+
+def test_files_of_one_split_may_hold_compatible_column_types() -> None:
+    # string and large_string ids, an all-null id column (type null), an all-empty bag column
+    shards = [
+        _id_table(pa.array(["a", "b"]), pa.array([["x"], ["y", "x"]])),
+        _id_table(pa.array(["b", "c"], pa.large_string()), pa.array([[], []], pa.list_(pa.null()))),
+        _id_table(pa.nulls(2), pa.array([["x"], None], pa.list_(pa.large_string()))),
+    ]
+    schema = fit_feature_schema(ID_DATASET, shards)
+    assert schema.vocabs["u"].values.to_pylist() == ["b", "a", "c"]
+    assert schema.vocabs["tags"].values.to_pylist() == ["x", "y"]
+
+
+def test_files_of_one_split_with_incompatible_types_name_the_column() -> None:
+    shards = [
+        _id_table(pa.array(["a", "b"]), pa.array([["x"], ["y"]])),
+        _id_table(pa.array([1, 2]), pa.array([["x"], ["y"]])),
+    ]
+    with pytest.raises(SchemaError, match=r"column 'u' has values of different types.*int64"):
+        fit_feature_schema(ID_DATASET, shards)
+
+
+# --- dense values that are not finite, and large offsets ---------------------------------------
+def test_infinite_dense_values_count_as_missing() -> None:
+    price = [1.0, 2.0, math.inf, 3.0, -math.inf, None, 6.0, math.nan]
+    age = [10.0, 20.0, 30.0, math.inf, 40.0, -math.inf, 50.0, 60.0]
+    schema = fit_feature_schema(
+        DATASET,
+        [_train().set_column(4, "price", pa.array(price)).set_column(3, "age", pa.array(age))],
+    )
+    (fitted,) = schema.dense
+    assert fitted.mean == pytest.approx(3.0) and fitted.std == pytest.approx(math.sqrt(3.5))
+    assert all(math.isfinite(e) for e in schema.sparse_feature("age").bucket_edges)
+    query = _valid().slice(0, 4)
+    query = query.set_column(4, "price", pa.array([math.inf, -math.inf, math.nan, 3.0]))
+    query = query.set_column(3, "age", pa.array([math.inf, -math.inf, math.nan, 10.0]))
+    encoded = schema.encode(query)
+    assert encoded["price"].to_pylist() == [0.0, 0.0, 0.0, 0.0]  # 3.0 is the mean
+    assert encoded["age"].to_pylist()[:3] == [OOV_ID] * 3 and encoded["age"][3].as_py() != OOV_ID
+
+
+@pytest.mark.parametrize("offset", [1e6, 1e9, 1.7e9])
+def test_dense_spread_survives_a_large_mean(offset: float) -> None:
+    rng = np.random.default_rng(0)
+    values = offset + rng.uniform(0.0, 1.0, 4000)
+    batches = [
+        pa.concat_tables([_train()] * 63)
+        .slice(0, len(chunk))
+        .set_column(4, "price", pa.array(chunk))
+        for chunk in np.array_split(values, 8)
+    ]
+    (fitted,) = fit_feature_schema(DATASET, batches).dense
+    assert fitted.mean == pytest.approx(values.mean(), rel=1e-12)
+    assert fitted.std == pytest.approx(values.std(), rel=1e-6)  # E[x^2] - E[x]^2 gave 0 -> 1.0
+
+
+def test_a_column_constant_up_to_rounding_is_not_scaled() -> None:
+    train = pa.concat_tables([_train()] * 4)
+    train = train.set_column(4, "price", pa.array(np.full(train.num_rows, 1e6 + 0.1)))
+    (fitted,) = fit_feature_schema(DATASET, [train] * 3).dense
+    assert fitted.std == 1.0

@@ -21,6 +21,7 @@ from recsys.errors import SchemaError
 from recsys.metrics import (
     BinaryMetricAccumulator,
     auc,
+    auc_by_group,
     binary_metrics,
     calibration,
     gauc,
@@ -279,6 +280,25 @@ def test_gauc_does_not_depend_on_group_key_type_or_row_order() -> None:
 
     assert gauc(labels, probs, string_groups) == pytest.approx(expected, rel=1e-12)
     assert gauc(labels[perm], probs[perm], groups[perm]) == pytest.approx(expected, rel=1e-12)
+
+
+def test_rows_without_a_group_key_are_left_out_of_gauc() -> None:
+    # a null user id reads from Arrow as None (strings) or NaN (numbers): no user, no group
+    labels, probs, groups = _random_rows(6)
+    missing = np.random.default_rng(6).random(len(labels)) < 0.2
+    expected = gauc(labels[~missing], probs[~missing], groups[~missing])
+    with_none = np.array([f"user{g}" for g in groups], dtype=object)
+    with_none[missing] = None
+    with_nan = groups.astype(np.float64)
+    with_nan[missing] = np.nan
+    mixed = with_none.copy()
+    mixed[missing] = np.where(np.arange(missing.sum()) % 2, None, np.nan)
+    for keys in (with_none, with_nan, mixed):
+        assert gauc(labels, probs, keys) == pytest.approx(expected, rel=1e-12)
+        assert binary_metrics(labels, probs, keys)["gauc"] == pytest.approx(expected, rel=1e-12)
+    table = auc_by_group(labels, probs, with_none)
+    assert sum(entry["rows"] for entry in table.values()) == int((~missing).sum())
+    assert "None" not in table
 
 
 def _equal_size_tie_free_groups(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
