@@ -91,13 +91,19 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def check_trainable(cfg: ExperimentConfig, paths: RunPaths) -> None:
     """Refuses, before Ray starts, a model whose tables the sharded trainer cannot train (a
-    sharded table's width must be a multiple of 4), once the vocabularies are known, and
-    `train.init_weights` that do not fit the model.
+    sharded table's width must be a multiple of 4), once the vocabularies are known,
+    `train.init_weights` that do not fit the model, and a batch size no worker can fill.
 
     Raises:
         ConfigError: naming the table and the settings that fix it.
     """
     import torch
+
+    check_batch_size(
+        count_rows(split_files(Path(paths.encoded_dir), "train")),
+        cfg.train.batch_size,
+        cfg.ray.num_workers,
+    )
 
     from recsys.embeddings import build_embedding
     from recsys.models.registry import build_model
@@ -203,6 +209,26 @@ def _flat(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[prefix + key] = value
     return flat
+
+
+def check_batch_size(train_rows: int, batch_size: int, num_workers: int) -> None:
+    """Raises ConfigError when a worker's share of train holds no full batch: every worker
+    trains on full batches only (ranks must take the same number of steps), so such a run
+    would finish without one step and export an untrained model."""
+    share = train_rows // num_workers
+    if share >= batch_size:
+        return
+    if share == 0:
+        raise ConfigError(
+            f"ray.num_workers: {num_workers} workers for {train_rows} train rows leaves a "
+            f"worker without rows; use --num-workers {max(train_rows, 1)} or fewer"
+        )
+    fits = 1 << (share.bit_length() - 1)  # the largest power of two a share holds
+    raise ConfigError(
+        f"train.batch_size: {batch_size} rows per step is more than each worker's share of "
+        f"the train split ({train_rows} rows over {num_workers} workers = {share}), so no "
+        f"step would run; lower it (--set train.batch_size={fits}) or use fewer workers"
+    )
 
 
 def prepare_run(cfg: ExperimentConfig, run_dir: Path) -> RunPaths:

@@ -25,7 +25,7 @@ from training.data import (
     rebatch,
     side_tables,
 )
-from training.jobs import PREPARED_FILE, prepare_run, resolve_run
+from training.jobs import PREPARED_FILE, check_batch_size, prepare_run, resolve_run
 
 
 def _config(tmp_path: Path, ml100k_dir: Path, *overrides: str) -> ExperimentConfig:
@@ -246,3 +246,23 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_work(
     with pytest.raises(ConfigError, match=rf"{setting}: cannot use {blocker} as a folder"):
         resolve_run(cfg)
     assert not (tmp_path / "runs" / "r1").exists()  # no run folder claimed
+
+
+@pytest.mark.parametrize(
+    ("train_rows", "batch_size", "workers", "error"),
+    [
+        (2048, 1024, 2, None),  # one full batch per worker
+        (2047, 1024, 2, r"train\.batch_size: 1024 .* \(2047 rows over 2 workers = 1023\).*=512"),
+        (200, 1024, 2, r"= 100\), so no step would run; lower it \(--set train\.batch_size=64\)"),
+        (1, 1, 2, r"ray\.num_workers: 2 workers for 1 train rows .* --num-workers 1 or fewer"),
+    ],
+)
+def test_a_batch_size_no_worker_can_fill_is_refused_before_ray_starts(
+    train_rows: int, batch_size: int, workers: int, error: str | None
+) -> None:
+    # workers train on full batches only: a smaller share would export an untrained model
+    if error is None:
+        check_batch_size(train_rows, batch_size, workers)
+    else:
+        with pytest.raises(ConfigError, match=error):
+            check_batch_size(train_rows, batch_size, workers)
