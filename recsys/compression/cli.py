@@ -3,8 +3,10 @@
 artifact + its training data -> activation statistics -> ranks (a size ratio or retained
 energy) -> factorised model -> fine-tuning -> MODEL_REPO/<name>/<next version>/ whose
 config.json lists the factorised layers. Prints the ranks, sizes and valid/test AUC before
-compression, after it and after fine-tuning. Library errors become one line on stderr and exit
-code 2 (the training CLI's convention, re-implemented because recsys never imports training).
+compression, after it and after fine-tuning. A compressed version is never compressed again
+(`MODEL_REPO/<name>` picks the newest uncompressed version). Library errors become one line on
+stderr and exit code 2 (the training CLI's convention, re-implemented because recsys never
+imports training).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
         "--artifact",
         type=Path,
         required=True,
-        help="MODEL_REPO/<name>[/<version>] (newest version by default)",
+        help="MODEL_REPO/<name>[/<version>] (default: the newest version that is not "
+        "already compressed; a compressed version is refused)",
     )
     rule = parser.add_mutually_exclusive_group()
     rule.add_argument(
@@ -168,14 +171,14 @@ def compress(argv: list[str]) -> int:
     def go() -> int:
         import torch
 
-        from recsys.artifact import load_artifact, resolve_version_dir
+        from recsys.artifact import load_artifact
 
         if args.threads is not None:
             if args.threads < 1:
                 raise ConfigError(f"--threads: must be >= 1 (got {args.threads})")
             torch.set_num_threads(args.threads)
 
-        version_dir = resolve_version_dir(args.artifact)
+        version_dir = _uncompressed_version(args.artifact)
         artifact = load_artifact(version_dir)
         options = _options(args)
         if args.model_repo is not None:  # written at the end: checked before the work
@@ -190,6 +193,70 @@ def compress(argv: list[str]) -> int:
         return _compress(artifact, options, splits, data_info, version_dir, args)
 
     return _run(go)
+
+
+def _uncompressed_version(path: Path) -> Path:
+    """The version folder to compress. A version folder is used as given unless it is already
+    compressed; a model folder gives its newest version that is not compressed (so running
+    the same command twice compresses the original twice, not the first result again).
+
+    Raises:
+        ConfigError: the version (or every version of the model folder) is already compressed;
+            the message names the uncompressed version it was made from when recorded.
+        ArtifactError: `path` is neither a version folder nor a model folder.
+    """
+    from recsys.artifact import list_versions, resolve_version_dir
+
+    newest = resolve_version_dir(path)
+    if newest != Path(path):  # a model folder: skip its compressed versions
+        versions = list_versions(Path(path))
+        for version in reversed(versions):
+            candidate = Path(path) / str(version)
+            if not _is_compressed(candidate):
+                if candidate != newest:
+                    _say(
+                        f"{newest} is already compressed; using {candidate}, the newest "
+                        f"uncompressed version of {path}"
+                    )
+                return candidate
+    if _is_compressed(newest):
+        source = _recorded_source(newest)
+        fix = (
+            f"compress the version it was made from instead: --artifact {source}"
+            if source
+            else "pass --artifact MODEL_REPO/<name>/<version> of the uncompressed model it was "
+            "made from"
+        )
+        every = "" if newest == Path(path) else f" (as is every version of {path})"
+        raise ConfigError(
+            f"compress: --artifact {newest} is already compressed{every}, and a compressed "
+            f"model cannot be compressed again; {fix}"
+        )
+    return newest
+
+
+def _is_compressed(version_dir: Path) -> bool:
+    """Whether config.json lists factorised layers or low-rank tables (both are written by
+    `recsys compress`). An unreadable config counts as not compressed: `load_artifact` then
+    reports what is wrong with it."""
+    try:
+        config = json.loads((version_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    embedding = config.get("embedding") if isinstance(config, dict) else None
+    variant = embedding.get("variant") if isinstance(embedding, dict) else None
+    return isinstance(config, dict) and ("compression" in config or variant == "lowrank")
+
+
+def _recorded_source(version_dir: Path) -> str | None:
+    """The version a compressed artifact was made from (metrics.json `compression.source`)."""
+    try:
+        metrics = json.loads((version_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    report = metrics.get("compression") if isinstance(metrics, dict) else None
+    source = report.get("source") if isinstance(report, dict) else None
+    return source if isinstance(source, str) and source else None
 
 
 def _options(args: argparse.Namespace) -> Any:
@@ -281,7 +348,7 @@ def _compress(
     compressed, sizes = run.compressed, run.sizes
     final = "fine_tuned" if "fine_tuned" in run.metrics["test"] else "compressed"
     report = {
-        "source": str(version_dir),
+        "source": str(version_dir.resolve()),  # named again if this version is passed
         "params_before": sizes["params_before"],
         "params_after": sizes["params_after"],
         "param_ratio": sizes["params_before"] / sizes["params_after"],

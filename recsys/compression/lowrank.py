@@ -42,7 +42,7 @@ from recsys.compression.factorized import (
 from recsys.embeddings import EmbeddingConfig, FieldEmbedding, build_embedding
 from recsys.embeddings.config import LowRankSpec
 from recsys.embeddings.lowrank import LowRankFieldEmbedding
-from recsys.errors import ConfigError
+from recsys.errors import ConfigError, DataError
 from recsys.features.batch import Batch, batch_from_encoded
 from recsys.features.schema import FeatureSchema
 from recsys.metrics import binary_metrics
@@ -214,9 +214,11 @@ def find_targets(
     output layers never do). Tables are those of the model's per-feature FieldEmbedding.
 
     Raises:
-        ConfigError: embedding fields are selected but the model has no per-feature
-            FieldEmbedding, or more than one (one EmbeddingConfig cannot describe both).
+        ConfigError: the model is already compressed (`refuse_compressed`), or embedding
+            fields are selected but the model has no per-feature FieldEmbedding, or more than
+            one (one EmbeddingConfig cannot describe both).
     """
+    refuse_compressed(model)
     include, exclude = list(include), list(exclude)
 
     def chosen(name: str) -> bool:
@@ -260,6 +262,37 @@ def find_targets(
             if target.saves_at(1):
                 targets.append(target)
     return targets
+
+
+def compressed_layers(model: nn.Module) -> list[str]:
+    """Names of the modules of `model` that compression wrote: factorised Linear layers and
+    low-rank (code table) embeddings. Empty for a model that was never compressed."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, FactorizedLinear | LowRankFieldEmbedding)
+    ]
+
+
+def refuse_compressed(model: nn.Module, embedding_config: EmbeddingConfig | None = None) -> None:
+    """Compressing a compressed model again is not supported: its factors and code tables are
+    not layers the model config describes, so the compressed copy (built from that config)
+    could not hold them. Compress the uncompressed model it was made from.
+
+    Raises:
+        ConfigError: `model` has factorised layers or low-rank tables, or `embedding_config`
+            is the `lowrank` variant.
+    """
+    layers = compressed_layers(model)
+    if embedding_config is not None and embedding_config.variant == "lowrank":
+        layers = layers or ["embedding (variant 'lowrank')"]
+    if layers:
+        raise ConfigError(
+            f"compression: the model is already compressed (got compressed layers "
+            f"{layers[:4]}{' ...' if len(layers) > 4 else ''}, expected an uncompressed "
+            f"model); compress the uncompressed version it was made from instead, e.g. "
+            f"--artifact MODEL_REPO/<name>/<version> of that version"
+        )
 
 
 def _embedding_path(target: Target) -> str:
@@ -394,9 +427,12 @@ def choose_ranks(
     the threshold is the only knob. `pinned` ranks are kept as given. A layer whose chosen
     rank would not make it smaller stays dense.
 
+    When every target is pinned there is nothing to search: the pinned plan is returned if it
+    meets the ratio (with `energy` None).
+
     Raises:
         ConfigError: neither or both of energy / target_ratio, or the ratio is out of reach
-            even at rank 1 everywhere.
+            even at rank 1 in every unpinned layer (or with the pinned ranks, when all are).
     """
     pinned = dict(pinned or {})
     unknown = sorted(set(pinned) - {t.name for t in targets})
@@ -429,6 +465,17 @@ def choose_ranks(
             for c in _cumulative(components[t.name].eigenvalues)
         }
     )
+    if targets and not levels:  # every target is pinned: one plan to check, nothing to search
+        ranks = _ranks_at(1.0, targets, components, pinned)
+        after = planned_parameters(total_before, targets, ranks)
+        if after <= budget:
+            return RankPlan(ranks, None)
+        raise ConfigError(
+            f"compression: target ratio {target_ratio:g} is out of reach (got "
+            f"{total_before / after:.2f}x with the pinned ranks {pinned}, every selected "
+            f"layer is pinned); lower --target-ratio, lower the pinned ranks or select more "
+            f"layers"
+        )
     best: RankPlan | None = None
     low, high = 0, len(levels) - 1
     while low <= high:
@@ -444,8 +491,9 @@ def choose_ranks(
         )
         raise ConfigError(
             f"compression: target ratio {target_ratio:g} is out of reach (got at most "
-            f"{total_before / smallest:.2f}x with rank 1 in every selected layer); lower "
-            f"--target-ratio or select more layers"
+            f"{total_before / smallest:.2f}x with rank 1 in every "
+            f"{'unpinned' if pinned else 'selected'} layer); lower --target-ratio"
+            f"{', lower the pinned ranks' if pinned else ''} or select more layers"
         )
     return best
 
@@ -569,7 +617,12 @@ def compress_model(
         method: "pca" (activation PCA) or "svd" (weight SVD, the baseline).
         ada_act: put a ReLU between A and B of every factorised Linear (the paper's Ada_Act
             variant; not exact, needs fine-tuning).
+
+    Raises:
+        ConfigError: `model` is already compressed (`refuse_compressed`), or it does not
+            match the model `model_config` and `embedding_config` build.
     """
+    refuse_compressed(model, embedding_config)
     activation: Activation | None = "relu" if ada_act else None
     field_ranks = {
         t.field: k
@@ -636,7 +689,11 @@ def compress_model(
             new_state[key] = value
     missing = sorted(set(expected) - set(new_state))
     if missing:
-        raise RuntimeError(f"compression: no weights computed for {missing[:5]}")
+        raise ConfigError(
+            f"compression: the model does not match the one its configs build (got no weights "
+            f"for {missing[:5]}); pass the model_config and embedding_config it was built "
+            f"with, e.g. the artifact's"
+        )
     new_model.load_state_dict(
         {k: v.to(dtype=expected[k].dtype) for k, v in new_state.items()}, strict=True
     )
@@ -951,7 +1008,9 @@ def compress_trained_model(
         show_progress: tqdm bars for the statistics pass and fine-tuning.
 
     Raises:
-        ConfigError: no layer can be compressed, or the rank rule cannot be met.
+        ConfigError: the model is already compressed, no layer can be compressed, or the rank
+            rule cannot be met.
+        DataError: the train split has no rows.
     """
     targets = find_targets(model, options.include, options.exclude)
     if not targets:
@@ -966,6 +1025,11 @@ def compress_trained_model(
         iter_batches(schema, splits["train"], options.stats_batch_size),
         show_progress=show_progress,
     )
+    if any(s.count == 0 for s in stats.values()):
+        raise DataError(
+            f"compression: the train split has no rows (got {[str(p) for p in splits['train']]}, "
+            f"expected at least one); pass --data with the folder the model was trained on"
+        )
     components = {name: principal_components(s) for name, s in stats.items()}
     params_before = total_parameters(model)
     plan = choose_ranks(

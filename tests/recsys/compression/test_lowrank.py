@@ -19,7 +19,9 @@ from recsys.compression.cli import compress
 from recsys.compression.factorized import FactorizedLinear
 from recsys.compression.lowrank import (
     ActivationStats,
+    CompressedModel,
     FineTuneConfig,
+    PrincipalComponents,
     RankPlan,
     Target,
     choose_ranks,
@@ -186,10 +188,16 @@ def test_embedding_statistics_are_weighted_by_the_data(schema: FeatureSchema, ba
 
 
 def test_only_a_single_per_feature_embedding_is_compressible(schema: FeatureSchema) -> None:
-    """A model whose tables are already low-rank (or another variant) cannot have them
-    selected; its Linear layers still can be."""
+    """A model whose tables are another variant (here mixed-dimension) cannot have them
+    selected; its Linear layers still can be. (Low-rank tables are refused outright, see
+    test_a_compressed_model_is_refused_with_a_config_error.)"""
+    rows = schema.sparse_feature("user_id").num_embeddings
     config = EmbeddingConfig.model_validate(
-        {"dim": 8, "variant": "lowrank", "lowrank": {"ranks": {"user_id": 2}}}
+        {
+            "dim": 8,
+            "variant": "mixed_dim",
+            "mixed_dim": {"fields": {"user_id": [{"end": rows, "kept": [0, 1]}]}},
+        }
     )
     model = build_model(MODEL, build_embedding(schema, config), schema)
     with pytest.raises(ConfigError, match=r"--exclude 'embedding\.\*'"):
@@ -283,6 +291,25 @@ def test_target_ratio_meets_the_size_and_parameter_counts_follow_the_formulas(
         choose_ranks(targets, components, before, target_ratio=1000.0)
 
 
+def test_target_ratio_with_every_layer_pinned_checks_the_pinned_plan() -> None:
+    # nothing is left to search: the pinned plan itself must be accepted or named
+    target = Target("dnn.0", "linear", 100, 100, has_bias=True)
+    components = {
+        "dnn.0": PrincipalComponents(
+            torch.linspace(1, 0, 100, dtype=torch.float64),
+            torch.eye(100, dtype=torch.float64),
+            torch.zeros(100, dtype=torch.float64),
+        )
+    }
+    before = target.dense_parameters + 5000  # 15100, the budget at ratio 2 is 7550
+    plan = choose_ranks([target], components, before, target_ratio=2.0, pinned={"dnn.0": 5})
+    assert plan == RankPlan({"dnn.0": 5}, None)
+    assert planned_parameters(before, [target], plan.ranks) == 6105
+    # k=40: 40 * 200 + 100 + 40 + 5000 = 13140 parameters, 15100 / 13140 = 1.15x
+    with pytest.raises(ConfigError, match=r"out of reach \(got 1\.15x with the pinned ranks"):
+        choose_ranks([target], components, before, target_ratio=2.0, pinned={"dnn.0": 40})
+
+
 def test_compressed_artifact_round_trips_with_its_factorised_layers(
     tmp_path: Path, schema: FeatureSchema, batch: Batch, data_dir: Path
 ) -> None:
@@ -329,6 +356,57 @@ def test_compressed_artifact_round_trips_with_its_factorised_layers(
     expected = score_table(compressed.model, schema, rows)["ctr"]
     got = score_table(loaded.model, loaded.schema, rows)["ctr"]
     assert torch.equal(got, expected)
+
+
+def _compressed(model: CTRModel, schema: FeatureSchema, batch: Batch) -> CompressedModel:
+    """`model` with every Linear and table that can shrink at rank 2."""
+    targets = find_targets(model)
+    plan = RankPlan({t.name: 2 for t in targets}, None)
+    return compress_model(
+        model, MODEL, EMBEDDING, schema, targets, plan, _components(model, targets, batch)
+    )
+
+
+def test_a_compressed_model_is_refused_with_a_config_error(
+    schema: FeatureSchema, batch: Batch
+) -> None:
+    compressed = _compressed(_model(schema), schema, batch)
+    # Before: the inner Linears of each FactorizedLinear were found as targets, and the
+    # rebuilt model then lacked them ("no submodule 'dnn.0.first'", or a RuntimeError).
+    for include, exclude in ((["*"], []), (["*"], ["embedding.*"]), (["layers.*"], [])):
+        with pytest.raises(ConfigError, match="already compressed"):
+            find_targets(compressed.model, include, exclude)
+    with pytest.raises(ConfigError, match="already compressed"):
+        compress_model(
+            compressed.model,
+            MODEL,
+            compressed.embedding_config,
+            schema,
+            [],
+            RankPlan({}, None),
+            {},
+        )
+    # low-rank tables alone (no factorised Linear) count as compressed too
+    lowrank = EmbeddingConfig.model_validate(
+        {"dim": 8, "variant": "lowrank", "lowrank": {"ranks": {"user_id": 2}}}
+    )
+    tables_only = build_model(MODEL, build_embedding(schema, lowrank), schema)
+    with pytest.raises(ConfigError, match=r"already compressed \(got compressed layers"):
+        find_targets(tables_only, exclude=["embedding.*"])
+    # a model that its configs do not build is the caller's error, not a RuntimeError
+    model = _model(schema)
+    targets = find_targets(model, ["dnn.*"])
+    deeper = MODEL.model_copy(update={"num_layers": MODEL.num_layers + 1})
+    with pytest.raises(ConfigError, match="does not match the one its configs build"):
+        compress_model(
+            model,
+            deeper,
+            EMBEDDING,
+            schema,
+            targets,
+            RankPlan({t.name: 2 for t in targets}, None),
+            _components(model, targets, batch),
+        )
 
 
 def test_fine_tuning_keeps_the_best_valid_epoch(
@@ -432,3 +510,76 @@ def test_recsys_compress_reports_user_errors_on_one_line(
     err = capsys.readouterr().err
     assert code == 2
     assert f"--model-repo: cannot use {blocker} as a folder" in err and "Traceback" not in err
+    empty = tmp_path / "empty_train"
+    empty.mkdir()
+    for split, files in splits.items():
+        table = pq.read_table(files[0])
+        pq.write_table(table.slice(0, 0) if split == "train" else table, empty / f"{split}.parquet")
+    code = compress(["--artifact", str(source), "--energy", "0.9", "--data", str(empty)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "the train split has no rows" in err and "Traceback" not in err
+
+
+def test_recsys_compress_never_compresses_a_compressed_version(
+    tmp_path: Path,
+    schema: FeatureSchema,
+    splits: dict[str, list[Path]],
+    batch: Batch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    model = _model(schema)
+    data = {"dataset": "parquet", "path": str(splits["train"][0].parent)}
+    source = write_artifact(tmp_path, "tiny", model, MODEL, EMBEDDING, schema, {"data": data})
+    compressed = _compressed(model, schema, batch)
+
+    def write_compressed(metrics: dict) -> Path:
+        return write_artifact(
+            tmp_path,
+            "tiny",
+            compressed.model,
+            MODEL,
+            compressed.embedding_config,
+            schema,
+            metrics,
+            compression=compressed.description,
+        )
+
+    recorded = write_compressed({"data": data, "compression": {"source": str(source)}})
+    # a compressed version folder: refused on one line, naming the version it came from
+    code = compress(["--artifact", str(recorded), "--energy", "0.9", "--epochs", "0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"--artifact {recorded} is already compressed" in err
+    assert f"--artifact {source}" in err and "Traceback" not in err
+    unrecorded = write_compressed({"data": data})
+    code = compress(["--artifact", str(unrecorded), "--energy", "0.9", "--epochs", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "already compressed" in err and "MODEL_REPO/<name>/<version>" in err
+    assert sorted(p.name for p in source.parent.iterdir()) == ["1", "2", "3"]  # nothing new
+
+    # the model folder: its newest uncompressed version, said so
+    code = compress(["--artifact", str(source.parent), "--energy", "0.9", "--epochs", "0"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"using {source}, the newest uncompressed version" in out
+    written = json.loads((source.parent / "4" / "metrics.json").read_text())
+    assert written["compression"]["source"] == str(source.resolve())
+
+    # a model folder holding compressed versions only
+    only = tmp_path / "only_compressed"
+    write_artifact(
+        only,
+        "tiny",
+        compressed.model,
+        MODEL,
+        compressed.embedding_config,
+        schema,
+        {"data": data, "compression": {"source": str(source)}},
+        compression=compressed.description,
+    )
+    code = compress(["--artifact", str(only / "tiny"), "--energy", "0.9", "--epochs", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"as is every version of {only / 'tiny'}" in err and f"--artifact {source}" in err
