@@ -14,6 +14,7 @@ the queue ends it with `DeadlineExceeded` (DEADLINE_EXCEEDED).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -118,6 +119,7 @@ class MicroBatcher:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._batch_s: float | None = None
         self._closed = False
+        self._reporting = True  # whether the queue gauge is this version's to update
 
     @property
     def queued_rows(self) -> int:
@@ -139,7 +141,8 @@ class MicroBatcher:
     def estimate_wait_s(self, rows: int) -> float | None:
         """Optimistic time until a request of `rows` more rows would be scored: the batches
         queued ahead of it, `concurrency` at a time, at the recent batch latency. Optimistic on
-        purpose: only requests the queue certainly cannot serve in time are refused."""
+        purpose: only requests the queue certainly cannot serve in time are refused (and never
+        one that finds the batcher idle, see `submit`)."""
         if self._batch_s is None:
             return None
         batches = math.ceil((self._queued_rows + rows) / self.config.max_batch_rows)
@@ -156,7 +159,8 @@ class MicroBatcher:
             missing: the request's missing values per counted feature, for `count_values`.
 
         Raises:
-            Overloaded: the queue is full, or cannot meet the deadline.
+            Overloaded: the queue is full, or (with requests queued or scoring) cannot meet
+                the deadline.
             DeadlineExceeded: the deadline expired while the request was queued.
             NotReady: the batcher was closed (the server is shutting down).
         """
@@ -172,7 +176,10 @@ class MicroBatcher:
             )
         if timeout_s is not None:
             estimate = self.estimate_wait_s(rows)
-            if timeout_s <= 0 or (estimate is not None and estimate > timeout_s):
+            # An idle batcher always admits: the estimate only falls when batches run, so one
+            # too high (a slow first batch) would otherwise refuse every tight deadline forever.
+            idle = not self._pending and not self._in_flight
+            if timeout_s <= 0 or (not idle and estimate is not None and estimate > timeout_s):
                 raise Overloaded(
                     f"batcher {self._name}: the deadline cannot be met (got {timeout_s * 1e3:.1f}"
                     f" ms left, expected about {(estimate or 0.0) * 1e3:.1f} ms of queueing "
@@ -210,6 +217,14 @@ class MicroBatcher:
             item.future.cancel()
             raise
 
+    def stop_reporting(self) -> None:
+        """Removes this version's queue gauge for good (the version was evicted): requests
+        still finishing on it would otherwise re-create the series, which then never goes."""
+        self._reporting = False
+        if self._metrics is not None:
+            with contextlib.suppress(KeyError):
+                self._metrics.queue_rows.remove(*map(str, self.label))
+
     async def close(self) -> None:
         """Refuses new requests, fails queued ones with NotReady, waits for running batches."""
         self._closed = True
@@ -231,7 +246,7 @@ class MicroBatcher:
         return f"{self.label[0]}/{self.label[1]}"
 
     def _report_queue(self) -> None:
-        if self._metrics is not None:
+        if self._metrics is not None and self._reporting:
             self._metrics.queue_rows.labels(*map(str, self.label)).set(self._queued_rows)
 
     def _discard(self, item: _Pending) -> None:

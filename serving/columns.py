@@ -104,14 +104,15 @@ def column_from_values(name: str, values: Any) -> pb.Column:
 
     Strings -> `strings`, integers and booleans -> `ints`, floats -> `doubles`, lists of
     strings -> `string_bags`, lists of integers -> `int_bags`; None (or NaN in a float
-    column stays NaN, a missing dense value) marks a row missing.
+    column stays NaN, a missing dense value) marks a row missing. A bag cannot hold a None
+    (the proto has no missing flag per bag value).
 
     Args:
         name: the feature name (used in error messages).
         values: one value per row.
 
     Raises:
-        ValueError: the values cannot be read as one of the column kinds.
+        ValueError: the values cannot be read as one of the column kinds, or a bag holds None.
     """
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
@@ -135,6 +136,15 @@ def column_from_values(name: str, values: Any) -> pb.Column:
         value_type = kind_type.value_type
         lengths = values.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
         flat = values.flatten()
+        if flat.null_count:
+            # a bag has no per-value missing flag: a None would travel as "" or 0, a real value
+            nulls = flat.is_null().to_numpy(zero_copy_only=False)
+            row = pc.list_parent_indices(values)[int(np.argmax(nulls))].as_py()
+            raise ValueError(
+                f"client: feature '{name}' row {row} has a bag holding a missing value (got "
+                f"{values[row].as_py()!r}, expected strings or integers only); drop the None "
+                "from the bag, or send None for the whole row to mark it missing"
+            )
         if pa.types.is_string(value_type) or pa.types.is_large_string(value_type):
             column.string_bags.values.extend(flat.to_pylist())
             column.string_bags.lengths.extend(lengths.tolist())

@@ -28,7 +28,7 @@ from recsys.features.batch import Features, features_from_encoded
 from recsys.features.schema import FeatureSchema
 from serving._pb.recsys.v1 import scoring_pb2 as pb
 from serving.columns import ArrowColumn, column_to_arrow
-from serving.errors import RequestError
+from serving.errors import RequestError, shorten
 
 CATEGORICAL, MULTI_CATEGORICAL, BUCKETIZED, DENSE = (
     "categorical",
@@ -37,6 +37,8 @@ CATEGORICAL, MULTI_CATEGORICAL, BUCKETIZED, DENSE = (
     "dense",
 )
 _BAG_KIND = {"strings": "string_bags", "ints": "int_bags"}
+# a standardised dense value this many std from the mean is named when a row scores NaN
+_EXTREME_STD = 100.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,10 @@ class SideTable:
         self.id_type = ids.type
         self._keys = keys[rows][order]
         self._rows = rows[order].astype(np.int64)
+        # the longest string id, in characters: a longer request id matches nothing
+        self._max_chars = (
+            int(pc.max(pc.utf8_length(ids)).as_py() or 0) if _is_string(ids.type) else None
+        )
 
     def lookup(self, ids: pa.Array, where: str) -> pa.Table:
         """The side rows of `ids` in order; unknown or missing ids give rows of nulls.
@@ -124,6 +130,12 @@ class SideTable:
                 f"has ids that cannot be read as {self.id_type} (got {ids.type}: {e}); send "
                 "the ids with the type the model was trained on",
             ) from e
+        if self._max_chars is not None:
+            # Fixed-width text pads every id to the longest one: a single 60,000-character id
+            # among 4,096 candidates would allocate ~1 GB. An id longer than every key cannot
+            # match, so it becomes a missing id before the keys are built.
+            fits = pc.less_equal(pc.utf8_length(ids), self._max_chars)
+            ids = pc.if_else(fits, ids, pa.scalar(None, ids.type))
         query = _lookup_keys(ids)
         if len(self._keys) == 0:
             found = np.zeros(len(ids), dtype=bool)
@@ -135,10 +147,20 @@ class SideTable:
         return self.table.take(indices)
 
 
+# Ends every string key: NumPy's fixed-width text drops trailing NULs, so without it "a\x00"
+# would equal "a"; with it no key ends in NUL and equal keys are equal strings.
+_KEY_END = "\x01"
+
+
+def _is_string(value_type: pa.DataType) -> bool:
+    return pa.types.is_string(value_type) or pa.types.is_large_string(value_type)
+
+
 def _lookup_keys(ids: pa.Array) -> np.ndarray:
-    """Ids as a NumPy array that sorts and compares by value (strings as fixed-width text)."""
-    if pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type):
-        return np.asarray(ids.fill_null("").to_pylist(), dtype=str)
+    """Ids as a NumPy array that sorts and compares by value (strings as fixed-width text, as
+    wide as the longest id, so callers drop ids that cannot match first)."""
+    if _is_string(ids.type):
+        return np.asarray([key + _KEY_END for key in ids.fill_null("").to_pylist()], dtype=str)
     filled = ids.fill_null(0) if ids.null_count else ids
     return np.asarray(filled.to_numpy(zero_copy_only=False))
 
@@ -213,6 +235,54 @@ class RequestConverter:
                     f"{dense.mean:g}, std {dense.std:g})",
                 )
         return encoded
+
+    def check_scores(
+        self, raw: pa.Table, encoded: pa.Table, scores: Mapping[str, np.ndarray]
+    ) -> None:
+        """Refuses a request whose scores are not all finite probabilities.
+
+        A dense value far outside the training range (a price of 1e30) standardises to a finite
+        float32 but overflows inside the model, which then scores NaN. Only the scored request
+        can tell, so this runs on each request's own slice of a batch: the other requests of
+        the batch keep their scores.
+
+        Raises:
+            RequestError: a row scored NaN or inf; names the row and, when there are any, its
+                dense values far outside the training range (the most extreme is the field).
+        """
+        bad = np.zeros(raw.num_rows, dtype=bool)
+        for probabilities in scores.values():
+            bad |= ~np.isfinite(probabilities)
+        if not bad.any():
+            return
+        row = int(np.argmax(bad))
+        got = ", ".join(f"{task}={p[row]}" for task, p in scores.items() if not np.isfinite(p[row]))
+        more = f"; {int(bad.sum()) - 1} other row(s) too" if bad.sum() > 1 else ""
+        extreme = []
+        for dense in self.schema.dense:
+            deviation = encoded[dense.name][row].as_py()
+            if deviation is not None and abs(deviation) > _EXTREME_STD:
+                extreme.append((abs(deviation), dense))
+        if not extreme:
+            raise RequestError(
+                None,
+                row,
+                f"row {row} scored {got} (expected probabilities in [0, 1]{more}); the model "
+                "cannot score it",
+            )
+        extreme.sort(key=lambda pair: -pair[0])
+        values = ", ".join(
+            f"{dense.name}={raw[dense.name][row].as_py()!r} ({deviation:.3g} std from the "
+            f"training mean {dense.mean:g})"
+            for deviation, dense in extreme
+        )
+        raise RequestError(
+            extreme[0][1].name,
+            row,
+            f"makes the model score {got} (expected probabilities in [0, 1]{more}): dense values "
+            f"far outside the training range ({values}); send values near the training range, "
+            "or mark them missing",
+        )
 
     def features(self, request: pb.ScoreRequest) -> Features:
         """A request's Features (the model input)."""
@@ -356,10 +426,16 @@ class RequestConverter:
 
     def _check_known(self, name: str, known: Mapping[str, object], where: str) -> None:
         if name not in known:
-            match = difflib.get_close_matches(name, list(known), n=1)
+            # a name far longer than every known one resembles none of them
+            longest = max(map(len, known), default=0)
+            match = (
+                difflib.get_close_matches(name, list(known), n=1)
+                if len(name) <= 2 * longest
+                else []
+            )
             hint = f"; did you mean '{match[0]}'?" if match else ""
             raise RequestError(
-                name,
+                shorten(name),
                 None,
                 f"is not an input feature of this model (sent in {where}; expected one of "
                 f"{list(known)}){hint}",

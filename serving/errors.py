@@ -9,6 +9,16 @@ and becomes INTERNAL with the request id. Every message follows
 
 from __future__ import annotations
 
+# Longest user-sent name (feature, model) echoed back in an error: a client may send a name of
+# any length, and echoed whole it would overflow the status trailers (16 KiB).
+MAX_ECHO_CHARS = 64
+
+
+def shorten(text: str, max_chars: int = MAX_ECHO_CHARS) -> str:
+    """`text` cut to `max_chars` characters (plus "…" when cut), for echoing user input."""
+    return text if len(text) <= max_chars else text[:max_chars] + "…"
+
+
 # Fields of the request itself (not features), named as "field '...'" in messages.
 REQUEST_FIELDS = frozenset(
     {"input", "rows", "model", "candidate_item_ids", "context", "candidate_features"}

@@ -10,6 +10,10 @@ Every RPC passes through `ServingInterceptor` (STYLE.md §9, §10):
   NotFound -> NOT_FOUND, NotReady -> UNAVAILABLE, Overloaded -> RESOURCE_EXHAUSTED,
   DeadlineExceeded -> DEADLINE_EXCEEDED, anything else -> INTERNAL with the request id (the
   traceback goes to the log only);
+- a unary call's request is parsed here, not by grpc, so a malformed message is
+  INVALID_ARGUMENT (and counted) instead of UNKNOWN with a traceback;
+- details and the feature trailer are capped in size (a client may send names of any length,
+  and a status over the metadata limit would reach it as RESOURCE_EXHAUSTED);
 - unary calls are counted by method and status and timed; one DEBUG log line per call and one
   WARNING line per failure, each with the request id.
 """
@@ -28,6 +32,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 
 from serving.errors import (
     DeadlineExceeded,
@@ -47,6 +52,8 @@ FEATURE_KEY = "recsys-feature-bin"  # binary metadata: feature names need not be
 ROW_KEY = "recsys-row"
 AUTH_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+MAX_DETAILS_BYTES = 1024  # status details sent back (the log keeps the same capped text)
+MAX_FEATURE_BYTES = 256  # the `recsys-feature-bin` trailer
 
 _STATUS: tuple[tuple[type[ServingError], grpc.StatusCode], ...] = (
     (RequestError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -111,9 +118,11 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             return _denying_handler(handler, method, self._metrics)
         if handler.unary_unary is None:
             return handler  # streaming calls (health Watch, reflection) pass through
+        # grpc gets no deserializer and hands over the raw bytes: parsed by grpc, a malformed
+        # message would end as UNKNOWN with a logged traceback, before the wrapper sees it
         return grpc.unary_unary_rpc_method_handler(
-            self._wrap(method, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
+            self._wrap(method, handler.unary_unary, handler.request_deserializer),
+            request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
 
@@ -127,12 +136,15 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         return False
 
     def _wrap(
-        self, method: str, behavior: Callable[..., Any]
-    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        self,
+        method: str,
+        behavior: Callable[..., Any],
+        deserializer: Callable[[bytes], Any] | None,
+    ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]:
         metrics = self._metrics
         rpc_tasks = self._rpc_tasks
 
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def wrapped(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             task = asyncio.current_task()
             if task is not None and task not in rpc_tasks:
                 rpc_tasks.add(task)
@@ -142,6 +154,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
+                request = _parse(deserializer, raw)
                 response = behavior(request, context)
                 if asyncio.iscoroutine(response):
                     response = await response
@@ -178,10 +191,11 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                         exc_info=e,
                     )
                 else:
-                    details = str(e)
+                    details = _truncate_utf8(str(e), MAX_DETAILS_BYTES)
                     if isinstance(e, RequestError):
                         if e.field is not None:
-                            trailing.append((FEATURE_KEY, e.field.encode()))
+                            field = _truncate_utf8(e.field, MAX_FEATURE_BYTES)
+                            trailing.append((FEATURE_KEY, field.encode()))
                         if e.row is not None:
                             trailing.append((ROW_KEY, str(e.row)))
                     logger.warning(
@@ -200,6 +214,36 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 REQUEST_ID.reset(token)
 
         return wrapped
+
+
+def _parse(deserializer: Callable[[bytes], Any] | None, raw: bytes) -> Any:
+    """The request message of a call's bytes.
+
+    Raises:
+        RequestError: the bytes are not a valid message (corrupt wire format, invalid UTF-8 in
+            a string field).
+    """
+    if deserializer is None:
+        return raw
+    try:
+        return deserializer(raw)
+    except DecodeError as e:
+        raise RequestError(
+            None,
+            None,
+            f"the message cannot be parsed (got {len(raw)} bytes: {e}); send the method's "
+            "request message (proto/), with valid UTF-8 strings",
+        ) from e
+
+
+def _truncate_utf8(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` of UTF-8 (plus "…" when cut): status details and
+    trailers over the peer's metadata limit (16 KiB by default, and grpc percent-encodes
+    non-ASCII details, up to 3x) fail the whole call with RESOURCE_EXHAUSTED."""
+    encoded = text.encode()
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[:max_bytes].decode(errors="ignore") + "…"
 
 
 def _context_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
@@ -231,10 +275,8 @@ def _denying_handler(
             trailing_metadata=((REQUEST_ID_KEY, request_id),),
         )
 
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    # `deny` never reads the request: left unparsed, a malformed one is UNAUTHENTICATED too
+    kwargs = {"request_deserializer": None, "response_serializer": handler.response_serializer}
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
     if handler.unary_stream is not None:

@@ -11,8 +11,10 @@ It polls the repository in a background task. A new version is loaded off the ev
 swapped in with one assignment of an immutable mapping: a request already in flight keeps the
 `LoadedModel` it started with, so a swap fails no call. A version that fails to load, verify or
 warm up is logged once (WARNING) and skipped while the previous version keeps serving; it is
-retried only if its files change. Readiness (overall, and per model) is pushed to listeners,
-which the server turns into grpc.health.v1 statuses.
+retried only if its files change. Deleting the served version from disk rolls back to the
+newest valid older version (while none loads, the deleted one keeps serving). Readiness
+(overall, and per model) is pushed to listeners, which the server turns into grpc.health.v1
+statuses. A model folder that cannot be listed is skipped (logged once); the others load.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from serving._pb.recsys.v1 import scoring_pb2 as pb
 from serving.batcher import BatcherConfig, MicroBatcher, Scores, forward
 from serving.config import ServerConfig
 from serving.convert import RequestConverter, warmup_table
-from serving.errors import NotFound, NotReady
+from serving.errors import NotFound, NotReady, shorten
 from serving.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -96,13 +98,19 @@ class LoadedModel:
         return tuple(self.model.served_tasks)
 
     async def score(self, request: pb.ScoreRequest, timeout_s: float | None) -> Scores:
-        """Converts a request (on the event loop) and scores it through the micro-batcher."""
+        """Converts a request (on the event loop) and scores it through the micro-batcher.
+
+        Raises:
+            RequestError: the request is invalid, or its rows score NaN (`check_scores`).
+        """
         raw = self.converter.raw_table(request)
         encoded = self.converter.encode_table(raw)
         # unseen ids score as the OOV id (cold start): counted, never refused. Only the missing
         # values are counted here (they need the raw rows); the ids, per batch, by the batcher.
         missing = self.converter.schema.missing_values(raw)
-        return await self.batcher.submit(encoded, timeout_s, missing)
+        scores = await self.batcher.submit(encoded, timeout_s, missing)
+        self.converter.check_scores(raw, encoded, scores)
+        return scores
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,7 @@ class ModelManager:
         self._failed: dict[tuple[str, int], object] = {}
         self._failure_messages: dict[str, str] = {}
         self._gone_warned: set[tuple[str, int]] = set()
+        self._scan_failures: dict[str, str] = {}  # model folder -> why it cannot be listed
         self._listeners: list[StatusListener] = []
         self._refresh_lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
@@ -240,8 +249,8 @@ class ModelManager:
                 reason = self._failure_messages.get(name, "its newest version is loading")
                 raise NotReady(f"model manager: model '{name}' is not loaded yet ({reason})")
             raise NotFound(
-                f"model manager: model '{name}' is not in the repository {self.model_repo} "
-                f"(got {name!r}, expected one of {self.model_names()})"
+                f"model manager: model '{shorten(name)}' is not in the repository "
+                f"{self.model_repo} (got {shorten(name)!r}, expected one of {self.model_names()})"
             )
         if version == 0:
             return models.newest
@@ -313,15 +322,37 @@ class ModelManager:
     def _scan(self) -> dict[str, list[int]]:
         found = {}
         for entry in sorted(self.model_repo.iterdir()):
-            if entry.is_dir() and not entry.name.startswith("."):
+            if not entry.is_dir() or entry.name.startswith("."):
+                continue
+            try:
                 versions = list_versions(entry)
-                if versions:
-                    found[entry.name] = versions
+            except (OSError, ValueError) as e:
+                # One unreadable model folder (a stray "²" sub-folder passes isdigit() but not
+                # int()) must not stop the scan of the others; a model already served keeps
+                # serving, as its versions are not refreshed while its folder cannot be read.
+                problem = str(e)
+                if self._scan_failures.get(entry.name) != problem:
+                    self._scan_failures[entry.name] = problem
+                    logger.warning(
+                        "model manager: cannot list the versions of model '%s' in %s (%s); "
+                        "skipping it until its folder is fixed (expected integer version "
+                        "folders only)",
+                        entry.name,
+                        entry,
+                        problem,
+                    )
+                continue
+            self._scan_failures.pop(entry.name, None)
+            if versions:
+                found[entry.name] = versions
         return found
 
     async def _refresh_model(self, name: str, on_disk: list[int]) -> None:
         current = dict(self._models[name].versions) if name in self._models else {}
-        newest_loaded = max(current) if current else None
+        # the newest served version still on disk: deleting the newest version from disk rolls
+        # back to the newest valid older one
+        on_disk_loaded = [version for version in current if version in on_disk]
+        newest_loaded = max(on_disk_loaded) if on_disk_loaded else None
         keep: dict[int, LoadedModel] = {}
         for version in sorted(on_disk, reverse=True):
             if len(keep) >= self.max_versions_per_model:
@@ -381,8 +412,7 @@ class ModelManager:
             for version in set(current) - set(keep):
                 # Requests already holding an evicted version finish on it; its batcher then
                 # idles and is garbage collected with the last reference.
-                with contextlib.suppress(KeyError):
-                    self.metrics.queue_rows.remove(name, str(version))
+                current[version].batcher.stop_reporting()
         await self._set_status(name, bool(keep))
 
     def _load(self, name: str, version: int, path: Path) -> LoadedModel:
@@ -407,10 +437,12 @@ class ModelManager:
             count_values=partial(_count_values, self.metrics, name, artifact.schema),
         )
         encoded = converter.encode_table(warmup_table(artifact.schema, self.warmup_rows))
-        for _ in range(2):  # the first pass pays one-off costs; the second seeds the estimate
-            warm_start = time.perf_counter()
-            scores = score_fn(encoded)
-            batcher.record_latency(time.perf_counter() - warm_start)
+        # The first pass pays one-off costs (lazy init, allocator warm-up) and says nothing
+        # about steady latency, so only the second seeds the admission estimate.
+        score_fn(encoded)
+        warm_start = time.perf_counter()
+        scores = score_fn(encoded)
+        batcher.record_latency(time.perf_counter() - warm_start)
         _check_warmup(path, scores, model.served_tasks, self.warmup_rows)
         logger.info(
             "model manager: loaded %s version %d from %s in %.2fs (tasks %s)",

@@ -144,6 +144,31 @@ def test_a_deadline_the_queue_cannot_meet_is_refused_at_once() -> None:
     executor.shutdown()
 
 
+def test_an_idle_batcher_admits_any_deadline_so_a_high_estimate_cannot_lock_it() -> None:
+    model = FakeModel()
+    batcher, executor = _batcher(model, max_wait_s=0.0)
+    batcher.record_latency(10 * WAIT_S)  # one slow batch: every deadline below looks hopeless
+
+    async def go() -> None:
+        # idle: admitted and scored, whatever the estimate says
+        for k in range(3):
+            assert len((await batcher.submit(_rows(k), timeout_s=WAIT_S))["ctr"]) == 1
+        model.release.clear()
+        model.entered.clear()
+        batcher.record_latency(10 * WAIT_S)
+        busy = asyncio.ensure_future(batcher.submit(_rows(1)))
+        await asyncio.to_thread(model.entered.wait, WAIT_S)
+        # a batch in flight: the estimate is trusted again
+        with pytest.raises(Overloaded, match="the deadline cannot be met"):
+            await batcher.submit(_rows(2), timeout_s=WAIT_S)
+        model.release.set()
+        await busy
+
+    _run(go())
+    executor.shutdown()
+    assert model.batches == [1, 1, 1, 1]
+
+
 def test_a_deadline_that_expires_in_the_queue_ends_the_request_and_frees_its_rows() -> None:
     model = FakeModel()
     batcher, executor = _batcher(model, max_wait_s=0.0)

@@ -295,6 +295,31 @@ def test_score_prints_json_lines_for_rows_and_ranking(
     ]
 
 
+def test_score_with_a_none_inside_a_bag_is_one_error_line(
+    repo: Path,
+    start_server: StartServer,
+    tiny_schema: FeatureSchema,
+    tiny_table: pa.Table,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = start_server(repo)
+    server.wait_serving()
+    row = tiny_table.select(tiny_schema.dataset.input_columns()).slice(0, 1).to_pylist()[0]
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text(json.dumps({**row, "genres": ["Drama", None]}) + "\n")
+    argv = ["--server", server.address, "--model", MODEL_NAME, "--input", str(rows_file)]
+    assert cli.score(argv) == 2
+    stderr = capsys.readouterr().err
+    expected = (
+        "error: score: rows 1..1: client: feature 'genres' row 0 has a bag holding a missing "
+        "value (got ['Drama', None], expected strings or integers only); drop the None from the "
+        "bag, or send None for the whole row to mark it missing"
+    )
+    assert _error_lines(stderr) == [expected]
+    assert "Traceback" not in stderr
+
+
 @pytest.fixture
 def artifact_with_data(tmp_path: Path, tiny_schema: FeatureSchema, tiny_table: pa.Table) -> Path:
     """An artifact whose metrics.json names a data folder holding valid.parquet, as training

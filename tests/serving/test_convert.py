@@ -4,6 +4,7 @@ request raises anything but RequestError."""
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,13 @@ from hypothesis import strategies as st
 from recsys.features.schema import OOV_ID, VALUE_OUTCOMES, FeatureSchema
 from serving._pb.recsys.v1 import scoring_pb2 as pb
 from serving.columns import column_from_values, column_to_arrow
-from serving.convert import InputSpec, RequestConverter, input_specs, warmup_table
+from serving.convert import (
+    InputSpec,
+    RequestConverter,
+    SideTable,
+    input_specs,
+    warmup_table,
+)
 from serving.errors import RequestError
 from tests.serving.conftest import explicit_rows, mixed_side_tables, side_tables
 
@@ -147,6 +154,32 @@ def test_integer_side_ids_are_looked_up_by_value(mixed_converter: RequestConvert
     assert raw["age"].to_pylist() == [30.0] * 3
     assert raw["price"].to_pylist() == [4.0, 1.0, None]
     assert raw["codes"].to_pylist() == [[], [7], None]
+
+
+def test_a_very_long_candidate_id_is_unknown_without_a_padded_copy(
+    mixed_converter: RequestConverter,
+) -> None:
+    # One 50,000-character id among 512 candidates used to pad every id to its width in a
+    # fixed-width array (512 x 50,000 x 4 bytes = 100 MB) on the event loop.
+    num_rows, long_chars = 512, 50_000
+    side = SideTable(mixed_side_tables()["item"], "iid")
+    ids = pa.array(["a"] * (num_rows - 1) + ["z" * long_chars])
+    tracemalloc.start()
+    try:
+        rows = side.lookup(ids, "candidate_item_ids")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10_000_000, f"lookup allocated {peak / 1e6:.0f} MB"
+    assert rows["price"].to_pylist() == [1.0] * (num_rows - 1) + [None]
+
+
+def test_side_ids_match_exactly_even_with_trailing_nuls() -> None:
+    # NumPy's fixed-width text drops trailing NULs: "a\x00" must still not find "a"
+    side = SideTable(pa.table({"iid": ["a", "b\x00", ""], "price": [1.0, 2.0, 3.0]}), "iid")
+    ids = pa.array(["a\x00", "a", "b", "b\x00", "", "\x00", None])
+    rows = side.lookup(ids, "candidate_item_ids")
+    assert rows["price"].to_pylist() == [None, 1.0, None, 2.0, 3.0, None, None]
 
 
 # --- bad inputs -------------------------------------------------------------------------------
@@ -425,6 +458,18 @@ def test_value_outcomes_of_a_ranking_request_count_unknown_candidates_and_their_
     # the unknown item has no side row, so its item features are missing, not out of vocabulary
     assert counts["release_year"].tolist() == [1, 0, 1]
     assert counts["genres"][1:].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("values", "row"),
+    [([[7], [8, None]], 1), ([["Comedy", None], ["Drama"]], 0), ([None, [None]], 1)],
+)
+def test_a_none_inside_a_bag_is_refused_naming_the_feature_and_row(
+    values: list[Any], row: int
+) -> None:
+    # the proto has no missing flag per bag value: None used to travel as 0 (or fail on "")
+    with pytest.raises(ValueError, match=rf"feature 'tags' row {row} has a bag holding a missing"):
+        column_from_values("tags", values)
 
 
 def test_column_round_trip_keeps_values_and_missing_rows() -> None:

@@ -28,7 +28,7 @@ from serving._pb.recsys.v1 import scoring_pb2 as pb
 from serving._pb.recsys.v1 import scoring_pb2_grpc as pb_grpc
 from serving.client import AsyncScoringClient, ScoringClient, rows_request
 from serving.columns import column_from_values
-from serving.interceptors import ServingInterceptor
+from serving.interceptors import ServingInterceptor, _truncate_utf8
 from serving.server import _finish_call_tasks, shutdown
 from tests.serving.conftest import (
     EMBEDDING,
@@ -298,6 +298,64 @@ def test_unknown_model_or_version_is_not_found(
             client.model_info(MODEL_NAME, version=7)
         assert _code(call) == grpc.StatusCode.NOT_FOUND
         assert client.score_rows(MODEL_NAME, raw, version=1).version == 1
+
+
+def test_long_unknown_names_are_refused_with_their_echo_cut_short(
+    repo: Path, start_server: StartServer, tiny_schema: FeatureSchema, tiny_table: pa.Table
+) -> None:
+    # echoed whole, a 200,000-character name overflowed the trailers (16 KiB) and the client
+    # got RESOURCE_EXHAUSTED instead of the status the server meant
+    server = start_server(repo)
+    server.wait_serving()
+    raw = _inputs(tiny_schema, tiny_table, 2)
+    columns = {n: raw[n] for n in raw.column_names}
+    with server.client() as client:
+        with pytest.raises(grpc.RpcError) as call:
+            client.score_rows(MODEL_NAME, {**columns, "x" * 200_000: [1, 2]})
+        assert _code(call) == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"feature '{'x' * 64}…' is not an input feature" in _details(call)
+        assert _trailing(call)["recsys-feature-bin"] == ("x" * 64 + "…").encode()
+        with pytest.raises(grpc.RpcError) as call:
+            client.score_rows("y" * 20_000, columns)
+        assert _code(call) == grpc.StatusCode.NOT_FOUND
+        assert f"model '{'y' * 64}…' is not in the repository" in _details(call)
+        assert len(_details(call)) < 1000
+
+
+@pytest.mark.parametrize(
+    ("text", "max_bytes", "expected"),
+    [("abc", 3, "abc"), ("abcd", 3, "abc…"), ("aé€", 4, "aé…"), ("€€", 5, "€…")],
+)
+def test_status_details_are_cut_to_whole_characters_within_the_byte_limit(
+    text: str, max_bytes: int, expected: str
+) -> None:
+    assert _truncate_utf8(text, max_bytes) == expected
+
+
+def test_a_malformed_message_is_invalid_argument_counted_and_not_logged_as_an_error(
+    repo: Path, start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = start_server(repo)
+    server.wait_serving()
+    caplog.set_level(logging.WARNING)
+    valid = pb.ScoreRequest(model=MODEL_NAME).SerializeToString()
+    bad_utf8 = valid.replace(MODEL_NAME.encode(), b"ti\xffy")
+    assert bad_utf8 != valid
+    with grpc.insecure_channel(server.address) as channel:
+        score = channel.unary_unary("/recsys.v1.Scoring/Score")  # sends and returns raw bytes
+        for message in (b"\xff\xff\xff", bad_utf8):
+            with pytest.raises(grpc.RpcError) as call:
+                score(message, timeout=WAIT_S)
+            assert _code(call) == grpc.StatusCode.INVALID_ARGUMENT
+            assert "the message cannot be parsed" in _details(call)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    registry = server.models.metrics.registry
+    labels = {"method": "/recsys.v1.Scoring/Score", "status": "INVALID_ARGUMENT"}
+    # counted as the call's task ends, which may be just after the client has the status
+    wait_until(
+        lambda: registry.get_sample_value("recsys_requests_total", labels) == 2,
+        "both malformed calls counted as INVALID_ARGUMENT",
+    )
 
 
 def test_a_message_over_the_receive_limit_is_refused_by_grpc(
