@@ -24,3 +24,8 @@ class DataError(RuntimeError):
 
 class Interrupted(RuntimeError):
     """A long job was stopped by the user (Ctrl-C); the message says what it kept."""
+
+
+# What a command line reports as one `error:` line with exit code 2: the user can fix these
+# (a setting, the data, an artifact path); anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, SchemaError, DataError, ArtifactError)

@@ -18,13 +18,11 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from recsys.errors import ArtifactError, ConfigError, DataError, Interrupted, SchemaError
+from recsys.errors import USER_ERRORS, ConfigError, DataError, Interrupted
 from recsys.logs import configure_logging
 
 if TYPE_CHECKING:  # the config module imports torch-side code; the CLI loads it lazily
     from training.config import ExperimentConfig
-
-USER_ERRORS = (ConfigError, SchemaError, DataError, ArtifactError)
 
 
 def _run(fn: Callable[[], int]) -> int:

@@ -8,7 +8,8 @@ the key (and, for an unknown key, the closest valid one).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -139,7 +140,7 @@ class TrainConfig(_Strict):
     table_eps: float = Field(1e-8, gt=0)
     replicate_max_mb: float = Field(0.25, ge=0)
     eval_batch_size: int = Field(8192, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     log_every_steps: int = Field(50, ge=1)
     parity_rows: int = Field(512, ge=1)
     lr_decay_on_plateau: float = Field(1.0, gt=0, le=1)
@@ -247,9 +248,49 @@ def table_widths(config: EmbeddingConfig) -> list[tuple[str, int]]:
     return widths
 
 
-def _parse_value(text: str) -> Any:
-    """`--set` values are YAML scalars/lists: `3`, `1e-3`, `true`, `[400, 400]`, `null`."""
-    return yaml.safe_load(text)
+def _parse_value(key: str, text: str) -> Any:
+    """`--set` values are YAML scalars/lists: `3`, `1e-3`, `true`, `[400, 400]`, `null`; a
+    setting that takes a string keeps the text as typed (YAML would read `exp #2` as `exp`
+    plus a comment, `20240101` as a number and `on` as true), unless it is quoted or `null`."""
+    kind = _string_setting(key.split("."))
+    stripped = text.strip()
+    quoted = len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\""
+    if kind is not None and not quoted:
+        if kind == "optional" and stripped in ("null", "~", ""):
+            return None
+        return stripped
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(
+            f"--set: the value of '{key}' is not valid YAML (got {text!r}: {problem}); "
+            f"e.g. --set model.dnn_hidden_units=[400,400], or quote a string"
+        ) from e
+
+
+def _string_setting(parts: list[str]) -> str | None:
+    """ "required" or "optional" when the ExperimentConfig setting at `parts` takes a string
+    (`str`, or `str | None`); None for any other setting, or a path that names none."""
+    model: Any = ExperimentConfig
+    for depth, part in enumerate(parts):
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        options = (
+            set(get_args(annotation))
+            if get_origin(annotation) in (Union, UnionType)
+            else {annotation}
+        )
+        if depth == len(parts) - 1:
+            if options == {str}:
+                return "required"
+            return "optional" if options == {str, type(None)} else None
+        model = next((o for o in options if isinstance(o, type) and issubclass(o, BaseModel)), None)
+        if model is None:
+            return None
+    return None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -267,7 +308,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set: '{key}' goes through a value, not a section")
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = _parse_value(key.strip(), value)
     return result
 
 
@@ -285,8 +326,18 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError as e:
             raise ConfigError(f"config: file {path} does not exist") from e
+        except OSError as e:
+            raise ConfigError(
+                f"config: cannot read {path} ({e.strerror}); pass a YAML file, e.g. "
+                "configs/autoint_ml100k.yaml"
+            ) from e
         except yaml.YAMLError as e:
             raise ConfigError(f"config {path}: not valid YAML ({e})") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(
+                f"config {path}: expected sections (data:, model:, train:, ...) at the top "
+                f"level (got a {type(raw).__name__}); see configs/autoint_ml100k.yaml"
+            )
     raw = apply_overrides(raw, overrides or [])
     try:
         return ExperimentConfig.model_validate(raw)

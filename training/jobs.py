@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.artifact import load_artifact, resolve_version_dir, score_table, verify_artifact
-from recsys.errors import ArtifactError, ConfigError, DataError
+from recsys.errors import ArtifactError, ConfigError, DataError, SchemaError
 from recsys.features.schema import OOV_ID, FeatureSchema, coverage_report
 from recsys.logs import quiet_libraries
 from recsys.metrics import auc_by_group, binary_metrics
@@ -37,7 +37,14 @@ from training.data import (
     side_tables,
     split_files,
 )
-from training.loop import RESULT_FILE, RunPaths, cvr_metrics, peak_rss_mb
+from training.loop import (
+    RAY_STORAGE_DIR,
+    RESULT_FILE,
+    RunPaths,
+    cvr_metrics,
+    peak_rss_mb,
+    split_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +70,16 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     cfg, run_dir = resolve_run(cfg)
     result_file = run_dir / RESULT_FILE
     if result_file.exists():
+        result = dict(json.loads(result_file.read_text()))
+        if cfg.output.verify_serving and "serving_verified" not in result:
+            # Training ended (the workers wrote the result) but the serving check failed or
+            # was interrupted: it runs again rather than the run passing as finished.
+            logger.info("run %s finished training; verifying its artifact now", run_dir.name)
+            result["serving_verified"] = verify_serving(Path(result["artifact"]))
+            result_file.write_text(json.dumps(result, indent=2))
+            return result
         logger.info("run %s already finished; its result is %s", run_dir.name, result_file)
-        return dict(json.loads(result_file.read_text()))
+        return result
     paths = prepare_run(cfg, run_dir)
     prepare_peak_rss_mb = peak_rss_mb()  # data preparation only: before Ray starts here
     check_trainable(cfg, paths)
@@ -92,7 +107,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 def check_trainable(cfg: ExperimentConfig, paths: RunPaths) -> None:
     """Refuses, before Ray starts, a model whose tables the sharded trainer cannot train (a
     sharded table's width must be a multiple of 4), once the vocabularies are known,
-    `train.init_weights` that do not fit the model, and a batch size no worker can fill.
+    `train.init_weights` that do not fit the model, a batch size no worker can fill and a
+    `train.select_metric` the trainer does not compute.
 
     Raises:
         ConfigError: naming the table and the settings that fix it.
@@ -115,6 +131,34 @@ def check_trainable(cfg: ExperimentConfig, paths: RunPaths) -> None:
     check_table_widths(model_tables(model), cfg.train.replicate_max_mb)
     if cfg.train.init_weights is not None:
         check_full_state(model, Path(cfg.train.init_weights))
+    check_select_metric(cfg.train.select_metric, schema, model.served_tasks, paths)
+
+
+def check_select_metric(
+    name: str, schema: FeatureSchema, tasks: tuple[str, ...], paths: RunPaths
+) -> None:
+    """Refuses a `train.select_metric` the trainer will not compute. Inside the workers it
+    fails only after the first epoch (and again on each of Ray's retries). The valid metric
+    names come from `split_metrics` itself, on the first encoded valid rows with stand-in
+    scores, so the check cannot drift from what the trainer computes.
+
+    Raises:
+        ConfigError: naming the AUC metrics this model and dataset have.
+    """
+    files = split_files(Path(paths.encoded_dir), "valid")
+    if not files:
+        return
+    table = pq.read_table(files[0]).slice(0, 4096)
+    scores = np.random.default_rng(0).random(table.num_rows)
+    try:
+        names = split_metrics(schema, table, {task: scores for task in tasks})
+    except SchemaError:  # e.g. one class in these rows: the workers see every row
+        return
+    if name not in names:
+        raise ConfigError(
+            f"train.select_metric: '{name}' is not a valid metric of this model and dataset "
+            f"(expected one of {sorted(k for k in names if k.endswith('auc'))})"
+        )
 
 
 def verify_serving(artifact: Path) -> bool:
@@ -174,6 +218,15 @@ def resolve_run(cfg: ExperimentConfig) -> tuple[ExperimentConfig, Path]:
             )
         logger.info("resuming run %s", run_dir)
     else:
+        # Ray Train resumes from any checkpoint under the run's name: those of an earlier run
+        # whose folder was deleted would be picked up by this new run, whatever its config.
+        stale = run_dir.parent / RAY_STORAGE_DIR / run_name
+        if stale.exists():
+            raise ConfigError(
+                f"output.run_name: checkpoints of an earlier run named {run_name} remain in "
+                f"{stale}, but its run folder {run_dir} is gone; delete {stale} to start "
+                f"over, or pick another output.run_name"
+            )
         run_dir.mkdir(parents=True, exist_ok=True)
         config_file.write_text(cfg.model_dump_json(indent=2))
         logger.info("run folder %s", run_dir)

@@ -67,6 +67,7 @@ from training.sharding import gather_full_state, load_full_state, shard_model
 logger = logging.getLogger("training")
 RESULT_FILE = "result.json"
 LOG_FILE = "train.log"
+RAY_STORAGE_DIR = "_ray"  # beside the run folders: Ray Train's checkpoints, per run name
 
 
 class RunPaths(BaseModel):

@@ -26,9 +26,9 @@ from ray.data import ExecutionOptions, FileShuffleConfig, RandomSeedConfig
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from recsys.errors import ConfigError, Interrupted
+from recsys.errors import USER_ERRORS, ConfigError, Interrupted
 from training.config import ExperimentConfig
-from training.loop import RunPaths
+from training.loop import RAY_STORAGE_DIR, RunPaths
 from training.worker import train_loop_entry
 
 logger = logging.getLogger(__name__)
@@ -257,10 +257,21 @@ def ingest_options(cfg: ExperimentConfig) -> ExecutionOptions:
     )
 
 
+def _user_error(error: BaseException) -> BaseException | None:
+    """The project's own error (a bad setting or bad data, raised in a worker) inside Ray
+    Train's WorkerGroupError, to be reported as one line like any other; None when the run
+    failed for another reason."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        for candidate in (failure, getattr(failure, "cause", None)):
+            if isinstance(candidate, USER_ERRORS):
+                return candidate
+    return None
+
+
 def ray_storage_path(run_dir: Path) -> Path:
     """Ray Train's storage folder for the runs under run_dir's parent (checkpoints of run X
     are in `<storage>/X/`)."""
-    return run_dir.resolve().parent / "_ray"
+    return run_dir.resolve().parent / RAY_STORAGE_DIR
 
 
 def run_trainer(cfg: ExperimentConfig, paths: RunPaths) -> None:
@@ -308,4 +319,4 @@ def run_trainer(cfg: ExperimentConfig, paths: RunPaths) -> None:
             f"command with --set output.run_name={name} resumes it"
         ) from e
     if result.error is not None:
-        raise result.error
+        raise _user_error(result.error) or result.error

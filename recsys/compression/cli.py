@@ -21,10 +21,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from recsys.data.splits import SPLITS, split_files
-from recsys.errors import ArtifactError, ConfigError, DataError, SchemaError
+from recsys.errors import USER_ERRORS, ArtifactError, ConfigError, DataError
 from recsys.logs import configure_logging
-
-USER_ERRORS = (ConfigError, SchemaError, DataError, ArtifactError)
 
 
 def _run(fn: Callable[[], int]) -> int:

@@ -157,6 +157,55 @@ def test_invalid_value_names_the_key(config_file: Path, override: str, expected:
         load_config(config_file, [override])
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.seed=[1,", r"--set: the value of 'train\.seed' is not valid YAML \(got '\[1,'"),
+        ("train.seed=-1", r"train\.seed: .*greater than or equal to 0 \(got -1\)"),
+        ("train.seed=4294967296", r"train\.seed: .*less than 4294967296"),
+    ],
+)
+def test_an_unreadable_value_or_seed_is_a_config_error(
+    config_file: Path, override: str, expected: str
+) -> None:
+    # a negative seed passed validation, then crashed numpy's RNG while encoding the splits
+    with pytest.raises(ConfigError, match=expected):
+        load_config(config_file, [override])
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("exp #2", "exp #2"),  # YAML would drop ' #2' as a comment
+        ("20240101", "20240101"),  # ... read a number
+        ("2024-06-01", "2024-06-01"),  # ... a date
+        ("on", "on"),  # ... a boolean
+        ("'quoted'", "quoted"),
+        ("null", None),
+    ],
+)
+def test_string_settings_keep_the_text_as_typed(
+    config_file: Path, value: str, expected: str | None
+) -> None:
+    assert load_config(config_file, [f"output.run_name={value}"]).output.run_name == expected
+
+
+def test_an_ipv6_address_reaches_the_ray_setting_unparsed(config_file: Path) -> None:
+    # `--address [::1]:6379` becomes this override: as YAML it was a broken flow sequence
+    assert load_config(config_file, ["ray.address=[::1]:6379"]).ray.address == "[::1]:6379"
+    units = load_config(config_file, ["model.dnn_hidden_units=[8, 4]"]).model.dnn_hidden_units
+    assert units == (8, 4)  # other settings still read YAML
+
+
+def test_a_config_that_is_not_a_file_of_sections_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"config: cannot read {tmp_path} \(Is a directory\)"):
+        load_config(tmp_path, [])
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- data\n- model\n")
+    with pytest.raises(ConfigError, match=r"expected sections .* \(got a list\)"):
+        load_config(listed, ["ray.num_workers=1"])
+
+
 def test_parquet_dataset_needs_a_path(config_file: Path, tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError,

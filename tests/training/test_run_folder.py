@@ -4,6 +4,8 @@ streaming data preparation gives the same results as reading whole splits."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,8 @@ import pytest
 
 from recsys.data.schema import DatasetSchema
 from recsys.errors import ConfigError, DataError, SchemaError
+from recsys.features.schema import FeatureSchema
+from training import jobs
 from training.config import ExperimentConfig, load_config
 from training.data import (
     ROW_COLUMN,
@@ -26,6 +30,7 @@ from training.data import (
     side_tables,
 )
 from training.jobs import PREPARED_FILE, check_batch_size, prepare_run, resolve_run
+from training.loop import RESULT_FILE
 
 
 def _config(tmp_path: Path, ml100k_dir: Path, *overrides: str) -> ExperimentConfig:
@@ -266,3 +271,48 @@ def test_a_batch_size_no_worker_can_fill_is_refused_before_ray_starts(
     else:
         with pytest.raises(ConfigError, match=error):
             check_batch_size(train_rows, batch_size, workers)
+
+
+def test_a_new_run_refuses_checkpoints_left_by_a_deleted_run_of_the_same_name(
+    tmp_path: Path, ml100k_dir: Path
+) -> None:
+    # Ray Train resumes from any checkpoint under the run name, whatever the new config
+    cfg = _config(tmp_path, ml100k_dir)
+    _, run_dir = resolve_run(cfg)
+    stale = tmp_path / "runs" / "_ray" / "r1"
+    (stale / "epoch-0001").mkdir(parents=True)
+    resolve_run(cfg)  # the run folder is there: resuming is fine
+    shutil.rmtree(run_dir)
+    with pytest.raises(ConfigError, match=rf"earlier run named r1 remain in {stale}.*delete"):
+        resolve_run(_config(tmp_path, ml100k_dir, "train.seed=7"))
+    assert not run_dir.exists()
+
+
+def test_a_finished_run_whose_serving_check_did_not_pass_is_checked_again(
+    tmp_path: Path, ml100k_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the workers write result.json before the driver's serving check: a failed or
+    # interrupted check must not let the next attempt report the run as finished
+    cfg = _config(tmp_path, ml100k_dir, "output.verify_serving=true")
+    _, run_dir = resolve_run(cfg)
+    (run_dir / RESULT_FILE).write_text(json.dumps({"artifact": str(tmp_path / "a")}))
+    checked: list[Path] = []
+    monkeypatch.setattr(jobs, "verify_serving", lambda artifact: checked.append(artifact) or True)
+    assert jobs.train(cfg)["serving_verified"] is True
+    assert jobs.train(cfg)["serving_verified"] is True
+    assert checked == [tmp_path / "a"]  # once: the second attempt found it recorded
+
+
+def test_a_select_metric_the_trainer_does_not_compute_is_refused_before_ray_starts(
+    tmp_path: Path, ml100k_dir: Path
+) -> None:
+    # in the workers it failed only after the first epoch, on each of Ray's retries
+    cfg, run_dir = resolve_run(_config(tmp_path, ml100k_dir))
+    paths = prepare_run(cfg, run_dir)
+    schema = FeatureSchema.load(Path(paths.features_dir))
+    for name in ("auc", "gauc", "ctr_auc", "domain_weighted_auc"):
+        jobs.check_select_metric(name, schema, ("ctr",), paths)
+    with pytest.raises(
+        ConfigError, match=r"'ctcvr_auc' is not a valid metric .*\['auc', 'ctr_auc', 'ctr_gauc'"
+    ):
+        jobs.check_select_metric("ctcvr_auc", schema, ("ctr",), paths)

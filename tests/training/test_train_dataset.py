@@ -307,3 +307,22 @@ def test_an_unreachable_address_fails_at_once_naming_it(monkeypatch: pytest.Monk
 def test_a_malformed_address_is_refused(address: str) -> None:
     with pytest.raises(ConfigError, match="is not host:port"):
         ray_runner.check_reachable(address)
+
+
+def test_a_workers_own_error_is_reported_as_itself_not_as_ray_trains_wrapper() -> None:
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from recsys.errors import DataError
+    from training.ray_runner import _user_error
+
+    cause = DataError("train.valid_exclude_share=0.99 leaves no valid rows; lower it")
+    assert _user_error(WorkerGroupError("failed", {0: cause, 1: cause})) is cause
+
+    class Wrapped(Exception):  # Ray's RayTaskError keeps the worker's exception as `cause`
+        pass
+
+    wrapped = Wrapped("in a task")
+    wrapped.cause = cause  # type: ignore[attr-defined]
+    assert _user_error(WorkerGroupError("failed", {1: wrapped})) is cause
+    assert _user_error(WorkerGroupError("failed", {0: RuntimeError("a bug")})) is None
+    assert _user_error(RuntimeError("not from the workers")) is None
