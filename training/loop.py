@@ -62,7 +62,12 @@ from training.data import (
     split_files,
 )
 from training.early_stopping import EarlyStopping
-from training.sharding import gather_full_state, load_full_state, shard_model
+from training.sharding import (
+    gather_full_state,
+    load_full_state,
+    shard_model,
+    share_rank0_norm_statistics,
+)
 
 logger = logging.getLogger("training")
 RESULT_FILE = "result.json"
@@ -346,6 +351,7 @@ def evaluate_distributed(
     batches through the embedding all-to-all, as in training.
     """
     dmp.eval()
+    share_rank0_norm_statistics(dmp)  # every rank scores with the exported model's statistics
     num_batches = -(-num_rows // batch_size)
     per_rank = -(-num_batches // world)
     stream = iter(batches)

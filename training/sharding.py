@@ -224,3 +224,21 @@ def gather_full_state(dmp: torch.nn.Module, rank: int) -> dict[str, torch.Tensor
         elif rank == 0:
             full[key] = value.detach().clone()
     return full if rank == 0 else None
+
+
+def share_rank0_norm_statistics(dmp: torch.nn.Module) -> None:
+    """Gives every rank rank 0's BatchNorm running statistics (ARM-Net's). A collective.
+
+    TorchRec wraps the dense part in DDP with `broadcast_buffers=False`, so each rank's running
+    mean and variance follow only its own batches. Ranks then scored the same row differently
+    in the distributed evaluation (which early stopping follows), and differently from the
+    exported model, which holds rank 0's. Only BatchNorm buffers are shared: the sharded tables'
+    kernels hold per-rank buffers too, and those must stay each rank's own.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+    for module in dmp.modules():
+        if isinstance(module, norms):
+            for buffer in module.buffers(recurse=False):
+                dist.broadcast(buffer, src=0)

@@ -347,13 +347,30 @@ class AdaptDHM(CTRModel):
     def forward(self, features: Features) -> ModelOutput:
         flat = self.embedding(features).flatten(start_dim=1)  # (B, F, D) -> (B, F*D)
         hidden = self.bottom(flat)  # (B, H)
-        route_in = hidden if self.config.routing_input == "bottom" else flat
+        route_in = (
+            self._bottom_without_dropout(flat, hidden)
+            if self.config.routing_input == "bottom"
+            else flat
+        )
         points = F.normalize(route_in.detach().to(self.router.centres.dtype), dim=-1)  # (B, R)
         routing = self.router(points)  # (B, K)
         cluster = routing.argmax(dim=-1)  # (B,)
         tower_logits = self.towers(hidden)  # (B, K)
         logits = tower_logits.gather(1, cluster.unsqueeze(1)).squeeze(1)  # (B,)
         return ModelOutput(logits={"ctr": logits}, extras={"routing": routing, "cluster": cluster})
+
+    def _bottom_without_dropout(self, flat: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The bottom's output as eval computes it, for routing: routed on dropped-out features,
+        a training row went to another cluster than eval sends it to (a third of the rows at
+        dropout 0.3), and fed the centres noisy points. Routing is detached, so the extra
+        pass in training needs no gradient."""
+        if not self.training or self.config.dropout == 0.0:
+            return hidden
+        with torch.no_grad():
+            for layer in self.bottom:
+                if not isinstance(layer, nn.Dropout):
+                    flat = layer(flat)
+        return flat
 
 
 def occupancy_entropy(clusters: torch.Tensor, num_clusters: int) -> float:

@@ -7,6 +7,7 @@ cannot train."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -253,3 +254,15 @@ def test_one_worker_shards_every_table_whose_width_allows_it() -> None:
     assert table_sharding_types(narrow, 1.0, world_size=1) == ["data_parallel"]
     assert table_sharding_types(large, 1.0, world_size=2) == ["table_wise", "row_wise"]
     assert table_sharding_types(small, 0.0, world_size=2) == ["table_wise", "row_wise"]
+
+
+def test_ranks_score_with_rank_0s_batchnorm_statistics() -> None:
+    # TorchRec's DDP does not broadcast buffers: ARM-Net's BatchNorm statistics drift apart per
+    # rank, so the ranks (and the exported model, rank 0's) scored the same rows differently
+    script = Path(__file__).with_name("norm_sync_check.py")
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True
+    )
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert record["before"] > 1e-6  # the ranks had drifted: the check can fail
+    assert record["after"] == 0.0 and record["same_statistics"]

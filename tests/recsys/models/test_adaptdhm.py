@@ -126,6 +126,24 @@ def test_centres_stay_unit_norm_and_move_in_training_only(
     assert torch.equal(model.router.occupancy, occupancy)
 
 
+def test_training_routes_a_row_on_what_eval_sees_despite_dropout(
+    tiny_schema: FeatureSchema, tiny_batch: Batch
+) -> None:
+    # routed on dropped-out features, a third of the rows went to another cluster in training
+    # than in eval (dropout 0.3), and the centres learned from noisy points
+    model = _model(tiny_schema, dropout=0.3, bottom_hidden_units=(16, 16))
+    seen: list[torch.Tensor] = []
+    model.router.register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
+    torch.manual_seed(1)
+    model.train()(tiny_batch.features)
+    with torch.no_grad():
+        model.eval()(tiny_batch.features)
+    torch.testing.assert_close(seen[0], seen[1])
+    model.train()
+    hidden = model.bottom(model.embedding(tiny_batch.features).flatten(start_dim=1))
+    assert not torch.allclose(F.normalize(hidden.detach(), dim=-1), seen[0])  # dropout is on
+
+
 def test_centres_are_buffers_that_survive_a_state_dict_round_trip(
     tiny_schema: FeatureSchema, tiny_batch: Batch, tmp_path: Path
 ) -> None:
