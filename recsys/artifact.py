@@ -14,6 +14,7 @@ half-written version; it is never modified afterwards.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
@@ -89,6 +90,21 @@ def _git_sha() -> str:
     return out.stdout.strip() or "unknown"
 
 
+def _plain_folder_mode(private_dir: Path) -> int:
+    """The permission bits `mkdir` gives a new folder under this process's umask.
+
+    Read from a probe folder made inside `private_dir` (a folder only this writer uses, so the
+    fixed name cannot clash) rather than with os.umask(), which can only be read by setting it
+    and so would race with other threads creating files meanwhile.
+    """
+    probe = private_dir / ".mode-probe"
+    probe.mkdir()
+    try:
+        return probe.stat().st_mode & 0o777
+    finally:
+        probe.rmdir()
+
+
 def list_versions(model_dir: Path) -> list[int]:
     """Integer version folders under `MODEL_REPO/<name>/`, ascending."""
     if not model_dir.is_dir():
@@ -114,8 +130,14 @@ def write_artifact(
     config.json so `load_artifact` rebuilds them before loading the weights.
     """
     model_dir = Path(model_repo) / name
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".writing-", dir=model_dir))
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".writing-", dir=model_dir))
+    except OSError as e:
+        raise ArtifactError(
+            f"artifact: cannot write a new version under {model_dir} ({e.strerror}); make it "
+            f"writable or choose another model repo"
+        ) from e
     try:
         schema.save(tmp)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -147,14 +169,24 @@ def write_artifact(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         for p in [*files, tmp / MANIFEST]:
             p.chmod(0o444)
+        # mkdtemp makes the folder 0700 whatever the umask, so a server running as another
+        # user (a container mounting the model repo read-only) could not read the artifact.
+        tmp.chmod(_plain_folder_mode(tmp))
         # Claim the next version with an atomic rename; retry if another writer won the race.
         for _ in range(100):
             version = (list_versions(model_dir) or [0])[-1] + 1
             target = model_dir / str(version)
             try:
                 os.rename(tmp, target)
-            except OSError:
-                continue
+            except OSError as e:
+                # The race shows as "exists" or, for a non-empty folder, "not empty"; any
+                # other failure (permissions, a read-only disk) would fail every retry too.
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    continue
+                raise ArtifactError(
+                    f"artifact: cannot move the new artifact into {target} ({e.strerror}); "
+                    f"make {model_dir} writable or choose another model repo"
+                ) from e
             logger.info("wrote artifact %s", target)
             return target
         raise ArtifactError(f"artifact: could not claim a version folder under {model_dir}")

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.artifact import load_artifact, resolve_version_dir, score_table, verify_artifact
-from recsys.errors import ArtifactError, ConfigError, DataError, SchemaError
+from recsys.errors import USER_ERRORS, ArtifactError, ConfigError, DataError, SchemaError
 from recsys.features.schema import OOV_ID, FeatureSchema, coverage_report
 from recsys.logs import quiet_libraries
 from recsys.metrics import auc_by_group, binary_metrics
@@ -360,6 +360,126 @@ def _parquet_schema_and_rows(path: Path) -> tuple[pa.Schema, int]:
         raise DataError(f"predict: input {path} is not a readable Parquet file ({e})") from e
 
 
+def _check_distinct_inputs(inputs: list[Path]) -> None:
+    """Refuses a file given twice: Ray Data reads a repeated path once, so its rows would be
+    scored once (and the same file spelled twice would be scored twice)."""
+    seen: dict[Path, Path] = {}
+    for path in inputs:
+        resolved = path.resolve()
+        if resolved in seen:
+            same = "" if seen[resolved] == path else f" (also given as {seen[resolved]})"
+            raise ConfigError(
+                f"--input: {path} is given twice{same}; pass each file once (to score rows "
+                f"twice, copy the file)"
+            )
+        seen[resolved] = path
+
+
+def _check_writable_folder(folder: Path, flag: str) -> None:
+    """Raises ConfigError unless `folder` is, or could be created as, a folder this user can
+    write. Creates nothing: a job refused later leaves no empty folder behind."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{flag}: cannot create the folder {folder}: {existing} is a file (expected a "
+            f"folder); choose another {flag}"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag}: the folder {existing} is not writable; choose another {flag}")
+
+
+def _check_predictions_file(output: Path, inputs: list[Path]) -> None:
+    """Refuses, before any scoring, an output `predict` could not write or must not replace."""
+    if output.is_dir():
+        raise ConfigError(
+            f"--output: {output} is a folder (expected a Parquet file path); give a file "
+            f"name, e.g. {output / 'predictions.parquet'}"
+        )
+    if any(output.resolve() == path.resolve() for path in inputs):
+        raise ConfigError(
+            f"--output: {output} is also an --input (the predictions would replace the rows "
+            f"they score); write them to another file"
+        )
+    _check_writable_folder(output.parent, "--output")
+
+
+def _decoded(arrow_type: pa.DataType) -> pa.DataType:
+    """A dictionary type (e.g. a pandas `category` column) as its value type, also inside a
+    list: the feature lookups read values, whatever their encoding in a file."""
+    if pa.types.is_dictionary(arrow_type):
+        return _decoded(arrow_type.value_type)
+    if pa.types.is_list(arrow_type):
+        return pa.list_(_decoded(arrow_type.value_type))
+    if pa.types.is_large_list(arrow_type):
+        return pa.large_list(_decoded(arrow_type.value_type))
+    return arrow_type
+
+
+def _read_schema(file_schemas: dict[Path, pa.Schema], columns: list[str]) -> pa.Schema:
+    """The one schema every input is read as: `columns` that some file has, each with its
+    types in all files unified (dictionaries decoded, narrower numbers widened).
+
+    Ray Data joins the rows of different files into one batch and refuses to join differing
+    types (string in one file, dictionary in another); read with this schema, every batch has
+    the same columns and types, and a column a file lacks (labels) reads as nulls.
+
+    Raises:
+        SchemaError: a column's types in two files cannot be unified, naming both files.
+    """
+    fields = []
+    for name in dict.fromkeys(columns):
+        typed = [
+            (path, _decoded(s.field(name).type))
+            for path, s in file_schemas.items()
+            if name in s.names
+        ]
+        if not typed:
+            continue
+        unified = typed[0][1]
+        for path, arrow_type in typed[1:]:
+            pair = [pa.schema([(name, unified)]), pa.schema([(name, arrow_type)])]
+            try:
+                merged = pa.unify_schemas(pair, promote_options="permissive")
+            except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
+                first, first_type = typed[0]
+                raise SchemaError(
+                    f"predict: column '{name}' is {first_type} in {first} but {arrow_type} in "
+                    f"{path} (expected one type in every input); write the inputs with the "
+                    f"same column types"
+                ) from e
+            unified = merged.field(name).type
+        fields.append(pa.field(name, unified))
+    return pa.schema(fields)
+
+
+def _check_inputs_encode(schema: FeatureSchema, file_schemas: dict[Path, pa.Schema]) -> None:
+    """Encodes the first rows of each input on the driver, so that a column of a type the
+    model cannot read (a list where one id is expected) is one error naming the file, before
+    Ray starts, rather than a failure inside the Ray Data actor. Files whose input columns have
+    the same types read the same way, so one file of each is enough.
+
+    Raises:
+        SchemaError: naming the file and the column.
+    """
+    columns = schema.dataset.input_columns()
+    checked: set[tuple[str, ...]] = set()
+    for path, file_schema in file_schemas.items():
+        layout = tuple(str(file_schema.field(name).type) for name in columns)
+        if layout in checked:
+            continue
+        with pq.ParquetFile(path) as parquet:
+            first = next(parquet.iter_batches(batch_size=64, columns=columns), None)
+        if first is None:  # no rows: nothing of this file reaches the model
+            continue
+        checked.add(layout)
+        try:
+            schema.encode(pa.Table.from_batches([first]), require_labels=False, where=str(path))
+        except SchemaError as e:
+            raise SchemaError(f"predict: input {path}: {e}") from e
+
+
 def predict(
     artifact: Path,
     inputs: list[Path],
@@ -370,8 +490,13 @@ def predict(
 ) -> int:
     """Scores Parquet rows with an artifact as a Ray Data job; writes one Parquet file in the
     input order (ids, labels when present, `p_<task>` per served task). Returns rows written.
-    `verified`: the caller has already checked the artifact's checksums."""
+    `verified`: the caller has already checked the artifact's checksums.
+
+    Inputs, output and column types are checked before Ray starts; the output is replaced only
+    once every input row has its prediction.
+    """
     import ray.data
+    from ray.exceptions import RayTaskError
 
     from training.ray_runner import ensure_ray
 
@@ -379,36 +504,67 @@ def predict(
     if not verified:
         verify_artifact(version_dir)  # here, not as a traceback from inside a Ray actor
     schema = FeatureSchema.load(version_dir)
+    _check_distinct_inputs(inputs)
+    _check_predictions_file(output, inputs)
+    file_schemas: dict[Path, pa.Schema] = {}
     rows_in = 0
     for path in inputs:
         columns, rows = _parquet_schema_and_rows(path)
         schema.dataset.validate_table(columns, str(path), require_labels=False)
+        file_schemas[path] = columns
         rows_in += rows
     if rows_in == 0:
         names = ", ".join(str(path) for path in inputs)
         raise DataError(f"predict: {names}: no rows to score (expected at least one)")
+    keep = _kept_columns(schema)
+    read_schema = _read_schema(file_schemas, schema.dataset.input_columns() + keep)
+    _check_inputs_encode(schema, file_schemas)
     ensure_ray(address, num_workers=1, cpus_per_worker=1)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    dataset = ray.data.read_parquet([str(p) for p in inputs]).map_batches(
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    # A library error raised in the scorer then reaches this driver as its cause (unwrapped
+    # below); Ray Data's own wrapper (UserCodeException) would drop it.
+    context.raise_original_map_exception = True
+    dataset = ray.data.read_parquet(
+        [str(p.resolve()) for p in inputs], schema=read_schema
+    ).map_batches(
         _BatchScorer,
-        fn_constructor_args=(str(version_dir), _kept_columns(schema)),
+        fn_constructor_args=(str(version_dir), keep),
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1),  # one actor loads the artifact once
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".partial")
+    tmp = output.with_name(output.name + ".partial")
     writer: pq.ParquetWriter | None = None
     rows = 0
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, batch.schema)
+                writer.write_table(batch)
+                rows += batch.num_rows
+        except RayTaskError as e:
+            if isinstance(e.cause, USER_ERRORS):
+                # Ray Data appends its retry advice on new lines; the library's own message
+                # is the first line.
+                raise type(e.cause)(str(e.cause).split("\n", 1)[0]) from None
+            raise
         if writer is None:
-            writer = pq.ParquetWriter(tmp, batch.schema)
-        writer.write_table(batch)
-        rows += batch.num_rows
-    if writer is None:
-        raise DataError(f"predict: {', '.join(map(str, inputs))}: no rows to score")
-    writer.close()
-    tmp.replace(output)
+            raise DataError(f"predict: {', '.join(map(str, inputs))}: no rows to score")
+        writer.close()
+        writer = None
+        if rows != rows_in:
+            raise DataError(
+                f"predict: scored {rows} rows but the inputs hold {rows_in} (expected one "
+                f"prediction per row); {output} was not written"
+            )
+        tmp.replace(output)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)  # a failed job leaves no partial file
     logger.info("wrote %d predictions to %s", rows, output)
     return rows
 
@@ -498,6 +654,22 @@ def metrics_from_predictions(schema: FeatureSchema, table: pa.Table) -> dict[str
     return report
 
 
+def _check_report_folder(output: Path) -> None:
+    """Refuses, before any scoring, an `evaluate --output` that cannot hold the report."""
+    if output.exists() and not output.is_dir():
+        raise ConfigError(
+            f"--output: {output} is a file (expected a folder for predictions.parquet and "
+            f"metrics.json); remove it or choose another folder"
+        )
+    for name in ("predictions.parquet", "metrics.json"):
+        if (output / name).is_dir():
+            raise ConfigError(
+                f"--output: {output / name} is a folder (expected a file evaluate writes); "
+                f"remove it or choose another --output"
+            )
+    _check_writable_folder(output, "--output")
+
+
 def evaluate(
     artifact: Path,
     output: Path,
@@ -510,6 +682,7 @@ def evaluate(
     those fresh predictions into `output/metrics.json`."""
     version_dir = resolve_version_dir(artifact)
     verify_artifact(version_dir)  # here, not as a traceback from inside a Ray actor
+    _check_report_folder(output)
     if inputs is None:
         if split is None:
             raise ConfigError("evaluate: give --split or --input (got neither)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -125,3 +126,54 @@ def test_side_tables_round_trip_and_scores_match(
     torch.testing.assert_close(
         score_table(loaded.model, loaded.schema, table)["ctr"], expected, rtol=0, atol=0
     )
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002], ids=oct)
+def test_a_version_folder_gets_the_mode_a_plain_mkdir_gives(
+    tmp_path: Path, schema: FeatureSchema, umask: int
+) -> None:
+    """A server running as another user (a container mounting the repo read-only) must be
+    able to read an artifact written under the usual umask; mkdtemp alone gave 0700."""
+    previous = os.umask(umask)
+    try:
+        path = _write(tmp_path, schema)
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(previous)
+    expected = (tmp_path / "plain").stat().st_mode & 0o777
+    assert path.stat().st_mode & 0o777 == expected
+    assert (path / "vocab").stat().st_mode & 0o777 == expected
+
+
+def test_a_failed_rename_other_than_the_version_race_is_not_retried(
+    tmp_path: Path, schema: FeatureSchema, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def refuse(src: str, dst: str) -> None:
+        calls.append(dst)
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dst)
+
+    monkeypatch.setattr("recsys.artifact.os.rename", refuse)
+    with pytest.raises(ArtifactError, match=r"cannot move the new artifact into .*Permission"):
+        _write(tmp_path, schema)
+    assert len(calls) == 1
+    # the half-claimed temporary folder is removed
+    assert list((tmp_path / "m").iterdir()) == []
+
+
+def test_the_version_race_is_retried_with_the_next_version(
+    tmp_path: Path, schema: FeatureSchema, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer claiming version 1 between the listing and the rename (ENOTEMPTY on
+    Linux for a non-empty folder) makes this writer take version 2."""
+    real_rename = os.rename
+
+    def lose_once(src: str, dst: str) -> None:
+        if Path(dst).name == "1":
+            (Path(dst) / "manifest.json").parent.mkdir()
+            (Path(dst) / "manifest.json").write_text("{}")
+        real_rename(src, dst)
+
+    monkeypatch.setattr("recsys.artifact.os.rename", lose_once)
+    assert _write(tmp_path, schema).name == "2"
