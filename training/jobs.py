@@ -700,9 +700,12 @@ def evaluate(
                     f"--data-path with the folder that holds {split}.parquet or {split}/*.parquet"
                 )
         inputs = split_files(data_path, split)
+    schema = FeatureSchema.load(version_dir)
+    for path in inputs:  # every row needs its labels: checked before any scoring
+        columns, _ = _parquet_schema_and_rows(path)
+        schema.dataset.validate_table(columns, f"evaluate: input {path}", require_labels=True)
     predictions = output / "predictions.parquet"
     predict(version_dir, inputs, predictions, address=address, verified=True)  # makes `output`
-    schema = FeatureSchema.load(version_dir)
     report = metrics_from_predictions(schema, pq.read_table(predictions))
     report.update(
         {

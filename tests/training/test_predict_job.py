@@ -109,6 +109,17 @@ def test_an_output_that_cannot_be_written_is_refused_before_scoring(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "file", "folder"]
 
 
+def test_evaluate_refuses_an_input_without_labels_before_scoring(
+    artifact: Path, table: pa.Table, tmp_path: Path, no_ray: None
+) -> None:
+    # it scored every file, then failed on "labels must be binary (got nan ...)"
+    labelled = _write(tmp_path / "a.parquet", table)
+    unlabelled = _write(tmp_path / "b.parquet", table.drop_columns(["click"]))
+    with pytest.raises(SchemaError, match=rf"evaluate: input {unlabelled}: .*'click'"):
+        evaluate(artifact, tmp_path / "report", inputs=[labelled, unlabelled])
+    assert not (tmp_path / "report").exists()
+
+
 def test_a_column_the_model_cannot_read_is_one_error_naming_file_and_column(
     artifact: Path, table: pa.Table, tmp_path: Path, no_ray: None
 ) -> None:
