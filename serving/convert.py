@@ -121,6 +121,17 @@ class SideTable:
         Raises:
             RequestError: the ids cannot be read as the side table's id type.
         """
+        if (
+            pa.types.is_integer(ids.type)
+            and pa.types.is_integer(self.id_type)
+            and ids.type != self.id_type
+        ):
+            # An id the table's (narrower) integer type cannot hold is in no row: unknown,
+            # like any unseen id, rather than a cast error refusing the whole request.
+            bounds = np.iinfo(self.id_type.to_pandas_dtype())
+            values = ids.fill_null(0).to_numpy(zero_copy_only=False)
+            fits = (values >= bounds.min) & (values <= bounds.max)
+            ids = pc.if_else(pa.array(fits), ids, pa.scalar(None, ids.type))
         try:
             ids = ids if ids.type == self.id_type else ids.cast(self.id_type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:

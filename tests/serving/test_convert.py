@@ -182,6 +182,15 @@ def test_side_ids_match_exactly_even_with_trailing_nuls() -> None:
     assert rows["price"].to_pylist() == [None, 1.0, None, 2.0, 3.0, None, None]
 
 
+def test_an_integer_id_a_narrow_side_table_cannot_hold_is_unknown_not_an_error() -> None:
+    # a model trained on int32 user ids gets int64 ids from every client
+    side = SideTable(pa.table({"uid": pa.array([5, 7], pa.int32()), "age": [20, 30]}), "uid")
+    ids = pa.array([7, 2**40, -(2**40), 5, None], pa.int64())
+    assert side.lookup(ids, "user_id")["age"].to_pylist() == [30, None, None, 20, None]
+    unsigned = SideTable(pa.table({"uid": pa.array([1, 2], pa.uint8()), "age": [1, 2]}), "uid")
+    assert unsigned.lookup(pa.array([-1, 2, 300]), "user_id")["age"].to_pylist() == [None, 2, None]
+
+
 # --- bad inputs -------------------------------------------------------------------------------
 def _valid_columns(tiny_table: pa.Table, converter: RequestConverter) -> dict[str, pb.Column]:
     raw = tiny_table.select(list(converter.specs)).slice(0, 3)
