@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,12 +123,17 @@ def write_artifact(
     metrics: dict[str, Any],
     side_tables: dict[str, pa.Table] | None = None,
     compression: dict[str, Any] | None = None,
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Writes a new version of `name` and returns its folder.
 
     `model` must be unsharded (full tables); its state dict is saved as safetensors.
     `compression` (from `recsys compress`) lists the factorised layers; it is stored in
     config.json so `load_artifact` rebuilds them before loading the weights.
+    `check` (a parity check, say) gets the finished but unpublished folder, which
+    `load_artifact` accepts; if it raises, no version is claimed and nothing is left behind,
+    so a server watching the repo never loads an artifact that failed it, and a retried job
+    does not leave a second copy.
     """
     model_dir = Path(model_repo) / name
     try:
@@ -172,6 +178,8 @@ def write_artifact(
         # mkdtemp makes the folder 0700 whatever the umask, so a server running as another
         # user (a container mounting the model repo read-only) could not read the artifact.
         tmp.chmod(_plain_folder_mode(tmp))
+        if check is not None:
+            check(tmp)
         # Claim the next version with an atomic rename; retry if another writer won the race.
         for _ in range(100):
             version = (list_versions(model_dir) or [0])[-1] + 1
@@ -285,7 +293,8 @@ def load_artifact(path: str | Path) -> Artifact:
     return Artifact(
         path=path,
         name=manifest["name"],
-        version=int(path.name),
+        # 0: a staged folder not yet published (write_artifact's `check` loads it)
+        version=int(path.name) if path.name.isdigit() else 0,
         model=model,
         schema=schema,
         model_config=model_config,

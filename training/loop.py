@@ -526,6 +526,30 @@ def _finish_on_rank0(
     }
     side_dir = Path(paths.side_dir)
     side = {p.stem: pq.read_table(p) for p in sorted(side_dir.glob("*.parquet"))}
+    parity: dict[str, float] = {}
+
+    def check_parity(staged: Path) -> None:
+        # Parity: rescore the first valid rows from the artifact as written to disk, through
+        # the raw-rows path, and compare with what the sharded model predicted at the best
+        # epoch (rows are numbered by position; with train.valid_exclude_share they skip
+        # some positions). Run before the version is published, so a failing artifact is
+        # never served and a retried run does not leave it behind.
+        loaded = load_artifact(staged)
+        span = max(best_valid.rows) + 1
+        head = next(rebatch(iter_tables(split_files(raw_root, "valid"), batch_rows=span), span))
+        sample = head.take(pa.array(best_valid.rows))
+        rescored = score_table(loaded.model, loaded.schema, sample)
+        parity["max_diff"] = max(
+            float(np.abs(rescored[t].numpy() - np.asarray(best_valid.probs[t])).max())
+            for t in rescored
+        )
+        if parity["max_diff"] > 1e-5:
+            raise RuntimeError(
+                f"export: the new {cfg.output.model_name} artifact scores valid rows "
+                f"differently from the trained model (max |diff| {parity['max_diff']:.2e}, "
+                f"expected <= 1e-5); no version was written"
+            )
+
     artifact_dir = write_artifact(
         Path(cfg.output.model_repo),
         cfg.output.model_name,
@@ -535,25 +559,9 @@ def _finish_on_rank0(
         schema,
         metrics,
         side,
+        check=check_parity,
     )
-
-    # Parity: rescore the first valid rows from the artifact as written to disk, through the
-    # raw-rows path, and compare with what the sharded model predicted at the best epoch (the
-    # rows are numbered by position; with train.valid_exclude_share they skip some positions).
-    loaded = load_artifact(artifact_dir)
-    n = len(best_valid.rows)
-    span = max(best_valid.rows) + 1
-    head = next(rebatch(iter_tables(split_files(raw_root, "valid"), batch_rows=span), span))
-    sample = head.take(pa.array(best_valid.rows))
-    rescored = score_table(loaded.model, loaded.schema, sample)
-    max_diff = max(
-        float(np.abs(rescored[t].numpy() - np.asarray(best_valid.probs[t])).max()) for t in rescored
-    )
-    if max_diff > 1e-5:
-        raise RuntimeError(
-            f"export: artifact {artifact_dir} scores valid rows differently from "
-            f"the trained model (max |diff| {max_diff:.2e}, expected <= 1e-5)"
-        )
+    n, max_diff = len(best_valid.rows), parity["max_diff"]
     return {
         "artifact": str(artifact_dir),
         "best_epoch": stopper.best_epoch,

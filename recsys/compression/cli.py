@@ -375,6 +375,25 @@ def _compress(
         if (table := artifact.side_table(entity)) is not None
     }
     model_repo = args.model_repo or version_dir.parent.parent
+    sample = pq.read_table(splits["valid"][0]).slice(0, 512)
+    parity: dict[str, float] = {}
+
+    def check_parity(staged: Path) -> None:
+        # The artifact as written must score like the model in memory; checked before the
+        # version is published, so a server watching the repo never loads one that fails.
+        loaded = load_artifact(staged)
+        expected = score_table(compressed.model, artifact.schema, sample)
+        got = score_table(loaded.model, loaded.schema, sample)
+        parity["max_diff"] = max(
+            float(np.abs(got[t].numpy() - expected[t].numpy()).max()) for t in got
+        )
+        if parity["max_diff"] > 1e-5:
+            raise ArtifactError(
+                f"compress: the new artifact scores valid rows differently from the "
+                f"compressed model (max |diff| {parity['max_diff']:.2e}, expected <= 1e-5); "
+                f"no version was written"
+            )
+
     target = write_artifact(
         model_repo,
         args.name or artifact.name,
@@ -385,18 +404,8 @@ def _compress(
         metrics,
         side,
         compression=compressed.description,
+        check=check_parity,
     )
-    # Parity: the artifact as written must score like the model in memory.
-    loaded = load_artifact(target)
-    sample = pq.read_table(splits["valid"][0]).slice(0, 512)
-    expected = score_table(compressed.model, artifact.schema, sample)
-    got = score_table(loaded.model, loaded.schema, sample)
-    parity = max(float(np.abs(got[t].numpy() - expected[t].numpy()).max()) for t in got)
-    if parity > 1e-5:
-        raise ArtifactError(
-            f"compress: {target} scores valid rows differently from the compressed model "
-            f"(max |diff| {parity:.2e}, expected <= 1e-5)"
-        )
 
     _say("\nper-layer ranks:\n" + rank_summary(compressed.layers))
     file_before = (version_dir / WEIGHTS).stat().st_size
@@ -414,6 +423,9 @@ def _compress(
     for stage in run.metrics["test"]:
         valid, test = run.metrics["valid"][stage], run.metrics["test"][stage]
         _say(f"{stage:<16} {valid['auc']:>9.4f} {test['auc']:>9.4f} {test['logloss']:>12.4f}")
-    _say(f"\nartifact: {target} (parity max |diff| {parity:.1e} on {sample.num_rows} valid rows)")
+    _say(
+        f"\nartifact: {target} (parity max |diff| {parity['max_diff']:.1e} on "
+        f"{sample.num_rows} valid rows)"
+    )
     _say(json.dumps({"artifact": str(target), "test_auc": run.metrics["test"][final]["auc"]}))
     return 0

@@ -177,3 +177,38 @@ def test_the_version_race_is_retried_with_the_next_version(
 
     monkeypatch.setattr("recsys.artifact.os.rename", lose_once)
     assert _write(tmp_path, schema).name == "2"
+
+
+def test_a_failing_check_publishes_no_version_and_leaves_nothing(
+    tmp_path: Path, schema: FeatureSchema, table: pa.Table
+) -> None:
+    """The export's parity check runs on the staged folder, before a version is claimed: a
+    server watching the repo must never load an artifact that failed it."""
+    first = _write(tmp_path, schema)
+    seen: list[Path] = []
+
+    def fails(staged: Path) -> None:
+        loaded = load_artifact(staged)  # the staged folder is complete and verifiable
+        assert loaded.version == 0 and loaded.name == "m"
+        assert score_table(loaded.model, loaded.schema, table.slice(0, 8))
+        seen.append(staged)
+        raise RuntimeError("parity off")
+
+    with pytest.raises(RuntimeError, match="parity off"):
+        _write(tmp_path, schema, seed=1, check=fails)
+    assert seen and not seen[0].exists()
+    assert list_versions(tmp_path / "m") == [1]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"]
+    assert resolve_version_dir(tmp_path / "m") == first
+
+
+def test_a_passing_check_publishes_the_checked_files(tmp_path: Path, schema: FeatureSchema) -> None:
+    checked: dict[str, str] = {}
+
+    def passes(staged: Path) -> None:
+        checked.update(json.loads((staged / MANIFEST).read_text())["files"])
+
+    path = _write(tmp_path, schema, check=passes)
+    assert path.name == "1" and checked
+    assert json.loads((path / MANIFEST).read_text())["files"] == checked
+    load_artifact(path)
