@@ -93,7 +93,15 @@ def serve(argv: list[str]) -> int:
     parser.add_argument(
         "--poll-interval-s", type=float, default=None, help="repository scans (5 s)"
     )
-    parser.add_argument("--grace-s", type=float, default=None, help="drain time on SIGTERM (10 s)")
+    parser.add_argument(
+        "--drain-s",
+        type=float,
+        default=None,
+        help="on SIGTERM, calls still answered this long after health says NOT_SERVING (1 s)",
+    )
+    parser.add_argument(
+        "--grace-s", type=float, default=None, help="then, time in-flight calls get (10 s)"
+    )
     parser.add_argument("--num-scoring-threads", type=int, default=None, help="forward threads (1)")
     parser.add_argument(
         "--max-versions-per-model", type=int, default=None, help="versions kept (2)"
@@ -128,6 +136,7 @@ def serve(argv: list[str]) -> int:
             max_concurrent_rpcs=args.max_concurrent_rpcs,
             poll_interval_s=args.poll_interval_s,
             grace_s=args.grace_s,
+            drain_s=args.drain_s,
             num_scoring_threads=args.num_scoring_threads,
             max_versions_per_model=args.max_versions_per_model,
             warmup_rows=args.warmup_rows,
@@ -141,8 +150,7 @@ def serve(argv: list[str]) -> int:
                 f"serve: model repository {cfg.model_repo} is not a folder (expected "
                 "MODEL_REPO/<name>/<version>/); create it or fix --model-repo"
             )
-        asyncio.run(_serve(cfg))
-        return 0
+        return asyncio.run(_serve(cfg))
 
     return _run(go)
 
@@ -158,7 +166,7 @@ def _server_config(**values: Any) -> Any:
         raise ConfigError(f"serve: {format_validation_error(e, ServerConfig)}") from e
 
 
-async def _serve(cfg: Any) -> None:
+async def _serve(cfg: Any) -> int:
     from serving.model_manager import ModelManager
     from serving.server import create_server, serve
 
@@ -171,7 +179,7 @@ async def _serve(cfg: Any) -> None:
             line += f" metrics on {cfg.host}:{models.metrics.http_port}"
         print(line, flush=True)
 
-    await serve(server, on_started=announce)
+    return await serve(server, on_started=announce)
 
 
 # --- score -------------------------------------------------------------------------------------
@@ -509,5 +517,5 @@ async def _served_scores(version_dir: Path, artifact: Any, table: Any) -> dict[s
                     for task, probs in result.scores.items():
                         chunks.setdefault(task, []).append(probs)
         finally:
-            await shutdown(server, grace_s=1.0)
+            await shutdown(server, grace_s=1.0, drain_s=0.0)
     return {task: np.concatenate(parts) for task, parts in chunks.items()}

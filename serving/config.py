@@ -27,9 +27,13 @@ class ServerConfig(BaseModel):
         max_queue_rows: rows allowed to wait per model version; beyond it RESOURCE_EXHAUSTED.
         max_rows_per_request: larger requests are INVALID_ARGUMENT; must fit in the queue.
         max_receive_message_bytes: gRPC refuses larger messages with RESOURCE_EXHAUSTED.
-        max_concurrent_rpcs: gRPC refuses RPCs beyond this many in flight; None = unbounded.
+        max_concurrent_rpcs: Scoring calls beyond this many in flight are refused with
+            RESOURCE_EXHAUSTED (health checks and reflection are not counted); None =
+            unbounded.
         poll_interval_s: how often the model repository is scanned for new versions.
-        grace_s: on SIGTERM, how long in-flight calls may take before they are cancelled.
+        drain_s: on SIGTERM, how long new calls are still answered after health turns
+            NOT_SERVING (so load balancers move traffic away before calls are refused).
+        grace_s: then, how long in-flight calls may take before they are cancelled.
         tls_cert_file: PEM certificate chain; with `tls_key_file` the port serves TLS only.
         tls_key_file: PEM private key of the certificate.
         auth_token: when set, every call except health checks needs
@@ -54,6 +58,7 @@ class ServerConfig(BaseModel):
     max_receive_message_bytes: int = Field(default=4 * MIB, ge=1024)
     max_concurrent_rpcs: int | None = Field(default=None, ge=1)
     poll_interval_s: float = Field(default=5.0, gt=0.0)
+    drain_s: float = Field(default=1.0, ge=0.0)
     grace_s: float = Field(default=10.0, ge=0.0)
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None

@@ -14,6 +14,10 @@ Every RPC passes through `ServingInterceptor` (STYLE.md §9, §10):
   INVALID_ARGUMENT (and counted) instead of UNKNOWN with a traceback;
 - details and the feature trailer are capped in size (a client may send names of any length,
   and a status over the metadata limit would reach it as RESOURCE_EXHAUSTED);
+- with a limit configured, Scoring calls beyond it are RESOURCE_EXHAUSTED (health checks and
+  reflection are never refused for it);
+- a call grpc cancels because its deadline passed is counted and logged as DEADLINE_EXCEEDED
+  (what the client sees), not CANCELLED;
 - unary calls are counted by method and status and timed; one DEBUG log line per call and one
   WARNING line per failure, each with the request id.
 """
@@ -51,6 +55,7 @@ REQUEST_ID_KEY = "x-request-id"
 FEATURE_KEY = "recsys-feature-bin"  # binary metadata: feature names need not be ASCII
 ROW_KEY = "recsys-row"
 AUTH_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
+LIMITED_PREFIXES = ("/recsys.v1.Scoring/",)  # the calls `max_concurrent_calls` counts
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MAX_DETAILS_BYTES = 1024  # status details sent back (the log keeps the same capped text)
 MAX_FEATURE_BYTES = 256  # the `recsys-feature-bin` trailer
@@ -93,11 +98,20 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
     Args:
         metrics: where RPC counts and latencies go, if anywhere.
         auth_token: when set, the bearer token every non-health call must carry.
+        max_concurrent_calls: when set, Scoring calls beyond this many in flight are refused
+            with RESOURCE_EXHAUSTED.
     """
 
-    def __init__(self, metrics: ServerMetrics | None = None, auth_token: str | None = None):
+    def __init__(
+        self,
+        metrics: ServerMetrics | None = None,
+        auth_token: str | None = None,
+        max_concurrent_calls: int | None = None,
+    ):
         self._metrics = metrics
         self._expected_auth = f"Bearer {auth_token}".encode() if auth_token else None
+        self._max_calls = max_concurrent_calls
+        self._limited_in_flight = 0
         # the tasks of unary calls not yet finished (`shutdown` waits for them)
         self._rpc_tasks: set[asyncio.Task[Any]] = set()
 
@@ -143,6 +157,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
     ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]:
         metrics = self._metrics
         rpc_tasks = self._rpc_tasks
+        limited = self._max_calls is not None and method.startswith(LIMITED_PREFIXES)
 
         async def wrapped(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             task = asyncio.current_task()
@@ -153,7 +168,11 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             token = REQUEST_ID.set(request_id)
             start = time.perf_counter()
             code = grpc.StatusCode.OK
+            counted = False
             try:
+                if limited:
+                    self._admit()
+                    counted = True
                 request = _parse(deserializer, raw)
                 response = behavior(request, context)
                 if asyncio.iscoroutine(response):
@@ -168,8 +187,21 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 )
                 return response
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                logger.debug("rpc %s cancelled request_id=%s", method, request_id)
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    # grpc's own deadline timer cancelled the call (the client sees
+                    # DEADLINE_EXCEEDED): an overload signal, not a client going away
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED
+                    logger.warning(
+                        "rpc %s failed request_id=%s status=DEADLINE_EXCEEDED ms=%.1f: the "
+                        "deadline passed before the call was answered",
+                        method,
+                        request_id,
+                        (time.perf_counter() - start) * 1e3,
+                    )
+                else:
+                    code = grpc.StatusCode.CANCELLED
+                    logger.debug("rpc %s cancelled request_id=%s", method, request_id)
                 raise
             except grpc.aio.AbortError:
                 # the servicer ended the call itself (e.g. health Check of an unknown service)
@@ -177,6 +209,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 raise
             except Exception as e:
                 code = status_for(e)
+                if code == grpc.StatusCode.INTERNAL and isinstance(e, NotImplementedError):
+                    code = grpc.StatusCode.UNIMPLEMENTED
                 elapsed_ms = (time.perf_counter() - start) * 1e3
                 trailing: list[tuple[str, str | bytes]] = [(REQUEST_ID_KEY, request_id)]
                 if code == grpc.StatusCode.INTERNAL:
@@ -190,6 +224,9 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                         e,
                         exc_info=e,
                     )
+                elif code == grpc.StatusCode.UNIMPLEMENTED:
+                    details = f"{method} is not implemented by this server"
+                    logger.warning("rpc %s failed request_id=%s: %s", method, request_id, details)
                 else:
                     details = _truncate_utf8(str(e), MAX_DETAILS_BYTES)
                     if isinstance(e, RequestError):
@@ -208,12 +245,25 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                     )
                 await context.abort(code, details, trailing_metadata=tuple(trailing))
             finally:
+                if counted:
+                    self._limited_in_flight -= 1
                 if metrics is not None:
                     metrics.requests.labels(method, code.name).inc()
                     metrics.latency.labels(method).observe(time.perf_counter() - start)
                 REQUEST_ID.reset(token)
 
         return wrapped
+
+    def _admit(self) -> None:
+        """Counts a Scoring call in, or raises Overloaded at the limit (all on the event loop
+        thread, so a plain counter is enough)."""
+        assert self._max_calls is not None
+        if self._limited_in_flight >= self._max_calls:
+            raise Overloaded(
+                f"server busy: {self._limited_in_flight} scoring calls in flight (the "
+                f"server's --max-concurrent-rpcs is {self._max_calls}); retry with backoff"
+            )
+        self._limited_in_flight += 1
 
 
 def _parse(deserializer: Callable[[bytes], Any] | None, raw: bytes) -> Any:

@@ -4,14 +4,16 @@
 servicer, the standard `grpc.health.v1.Health` service (overall status "" and one per model
 name, NOT_SERVING until the manager has loaded and warmed the model, then SERVING), server
 reflection, the interceptor (request ids, auth, status mapping, metrics) and the Prometheus
-side port. `serve(server)` starts it and, on SIGTERM or SIGINT, turns health NOT_SERVING, stops
-accepting calls, lets in-flight calls finish for `grace_s`, and returns. `main()` is
-`python -m serving.server`, the same as `recsys serve`.
+side port. `serve(server)` starts it and, on SIGTERM or SIGINT, turns health NOT_SERVING, keeps
+answering for `drain_s` (load balancers move traffic away first), ends health Watch streams,
+stops accepting calls, lets in-flight calls finish for `grace_s`, and returns; a second signal
+stops at once. `main()` is `python -m serving.server`, the same as `recsys serve`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -87,13 +89,60 @@ class ScoringServicer(pb_grpc.ScoringServicer):
         )
 
 
+class Health(HealthServicer):
+    """grpc's async health servicer with `List`, and Watch streams that end at shutdown.
+
+    grpcio's async servicer has no List (its base class raises NotImplementedError), though
+    reflection advertises it. Its Watch streams never end on their own, so `server.stop(grace)`
+    would wait out the whole grace period for every open Watch (one per client channel that
+    uses client-side health checking); `end_watches` closes them once NOT_SERVING was sent.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watches: set[asyncio.Task[None]] = set()
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        response = health_pb2.HealthListResponse()
+        for service, status in list(self._server_status.items()):
+            response.statuses[service].status = status
+        return response
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        # the library's Watch runs as its own task so that `end_watches` can stop it without
+        # cancelling the call: the stream then ends with OK after a last NOT_SERVING
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        self._watches.add(watch)
+        watch.add_done_callback(self._watches.discard)
+        try:
+            await watch
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not self._gracefully_shutting_down or (current and current.cancelling()):
+                raise  # the client went away, or the server stops at once
+            last = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+            with contextlib.suppress(Exception):  # the client may be gone; the stream ends
+                await context.write(last)
+
+    async def end_watches(self) -> None:
+        """Ends every open Watch stream (after `enter_graceful_shutdown`)."""
+        watches = list(self._watches)
+        for watch in watches:
+            watch.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
+
+
 @dataclass
 class _Runtime:
     """What `serve` and `shutdown` need besides the grpc server itself."""
 
     cfg: ServerConfig
     models: ModelManager
-    health: HealthServicer
+    health: Health
     interceptor: ServingInterceptor
 
 
@@ -112,17 +161,19 @@ async def create_server(cfg: ServerConfig, models: ModelManager) -> tuple[grpc.a
     """
     models.check_repository()
     token = cfg.auth_token.get_secret_value() if cfg.auth_token else None
-    interceptor = ServingInterceptor(models.metrics, token)
+    # the concurrency limit is the interceptor's, not grpc's `maximum_concurrent_rpcs`: that
+    # one counts health checks and open Watch streams too, so a busy server would fail its
+    # probes and a few idle watchers would refuse every scoring call
+    interceptor = ServingInterceptor(models.metrics, token, cfg.max_concurrent_rpcs)
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", cfg.max_receive_message_bytes),
             ("grpc.so_reuseport", 0),  # a taken port must fail, not be shared silently
         ],
-        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
     )
     pb_grpc.add_ScoringServicer_to_server(ScoringServicer(models), server)
-    health = HealthServicer()
+    health = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         [
@@ -194,16 +245,27 @@ def _check_tls_pair(cert: Path, key: Path) -> None:
         ) from e
 
 
-async def shutdown(server: grpc.aio.Server, grace_s: float | None = None) -> None:
-    """Health NOT_SERVING, stop accepting calls, let in-flight calls finish, release models.
+async def shutdown(
+    server: grpc.aio.Server, grace_s: float | None = None, drain_s: float | None = None
+) -> None:
+    """Health NOT_SERVING, keep answering for `drain_s`, end health Watch streams, stop
+    accepting calls, let in-flight calls finish, release models.
 
     Args:
         server: a server made by `create_server`.
         grace_s: how long in-flight calls may still run (default: the config's `grace_s`).
+        drain_s: how long new calls are still answered once health says NOT_SERVING, so that
+            calls already on their way (and clients not yet told) are not refused (default:
+            the config's `drain_s`).
     """
     runtime = _RUNTIMES[server]
     grace = runtime.cfg.grace_s if grace_s is None else grace_s
+    drain = runtime.cfg.drain_s if drain_s is None else drain_s
     await runtime.health.enter_graceful_shutdown()
+    if drain > 0:
+        logger.info("serve: health NOT_SERVING; still answering calls for %.1fs", drain)
+        await asyncio.sleep(drain)
+    await runtime.health.end_watches()
     logger.info("serve: shutting down (in-flight calls get %.1fs)", grace)
     await server.stop(grace)
     unfinished = await _finish_call_tasks(runtime.interceptor, DRAIN_TASKS_S)
@@ -239,25 +301,54 @@ async def _finish_call_tasks(interceptor: ServingInterceptor, timeout_s: float) 
     return len(pending)
 
 
-async def serve(server: grpc.aio.Server, on_started: Callable[[], None] | None = None) -> None:
-    """Starts the server and runs it until SIGTERM or SIGINT, then shuts down gracefully.
+async def serve(server: grpc.aio.Server, on_started: Callable[[], None] | None = None) -> int:
+    """Starts the server and runs it until SIGTERM or SIGINT, then shuts down gracefully; a
+    second signal during the shutdown stops at once (in-flight calls are cancelled).
 
     Args:
         server: a server made by `create_server`.
         on_started: called once the server accepts calls (the CLI prints the address there).
+
+    Returns:
+        The exit code: 0 after a graceful stop, 128 + the signal number after a second signal.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     await server.start()
     if on_started is not None:
         on_started()  # after the handlers: a SIGTERM sent on the announcement drains, not kills
     await stop.wait()
     logger.info("serve: signal received")
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
-    await shutdown(server)
+    stopping = asyncio.ensure_future(shutdown(server))
+    second: list[signal.Signals] = []
+
+    def stop_now(sig: signal.Signals) -> None:
+        if not second:
+            second.append(sig)
+            logger.warning("serve: second signal (%s): stopping now", sig.name)
+            stopping.cancel()
+
+    for sig in signals:
+        loop.add_signal_handler(sig, stop_now, sig)
+    try:
+        await stopping
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if not second or (current and current.cancelling()):
+            raise
+        runtime = _RUNTIMES[server]
+        await server.stop(0)
+        await runtime.models.close()
+        runtime.models.metrics.stop_http()
+        logger.info("serve: stopped")
+        return 128 + int(second[0])
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    return 0
 
 
 def main() -> int:

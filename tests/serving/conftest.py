@@ -277,7 +277,7 @@ class ServerThread:
     def stop(self, grace_s: float = 5.0) -> None:
         if self.loop.is_running():
             if not self.shut_down:
-                self.run(shutdown(self.server, grace_s))
+                self.run(shutdown(self.server, grace_s, drain_s=0.0))
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(WAIT_S)
             self.loop.close()

@@ -11,11 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -129,6 +131,43 @@ def test_sigterm_drains_in_flight_calls_then_exits_0(
         )
     log = (tmp_path / "server.log").read_text()
     assert "signal received" in log and "serve: stopped" in log
+    assert "Traceback" not in log
+
+
+def _queued_rows(metrics_port: int) -> float:
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=WAIT_S) as page:
+        text = page.read().decode()
+    match = re.search(r'recsys_queue_rows\{model="tiny",version="1"\} ([\d.]+)', text)
+    return float(match.group(1)) if match else 0.0
+
+
+@pytest.mark.slow
+def test_a_second_signal_stops_at_once_with_exit_128_plus_signal(
+    served_process: tuple[subprocess.Popen, str, int],
+    tiny_schema: FeatureSchema,
+    tiny_table: pa.Table,
+    tmp_path: Path,
+) -> None:
+    """The first SIGTERM drains (calls wait up to 3 s in the queue, the grace is 60 s); a
+    second one used to kill the process silently (a second Ctrl-C printed a traceback)."""
+    process, address, metrics_port = served_process
+    raw = tiny_table.select(tiny_schema.dataset.input_columns()).slice(0, 2)
+    with ScoringClient(address, timeout_s=WAIT_S) as client, ThreadPoolExecutor(1) as pool:
+        wait_until(lambda: client.health() == "SERVING", "the server SERVING")
+        in_flight = pool.submit(client.score_rows, MODEL_NAME, raw)
+        wait_until(lambda: _queued_rows(metrics_port) == 2, "the call waiting in the queue")
+        process.send_signal(signal.SIGTERM)
+        log_file = tmp_path / "server.log"
+        wait_until(lambda: "signal received" in log_file.read_text(), "the first signal")
+        start = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(WAIT_S) == 128 + signal.SIGTERM
+        assert time.monotonic() - start < 10.0
+        with pytest.raises(grpc.RpcError):  # cancelled, not answered
+            in_flight.result(WAIT_S)
+    log = log_file.read_text()
+    assert "second signal (SIGTERM): stopping now" in log and "serve: stopped" in log
     assert "Traceback" not in log
 
 
