@@ -86,7 +86,7 @@ def test_train_with_a_typo_in_the_config_is_one_error_line(tmp_path: Path) -> No
     assert "Traceback" not in result.stderr
     errors = _error_lines(result.stderr)
     assert len(errors) == 1, result.stderr
-    assert "unknown key 'model.num_head'; did you mean 'num_heads'?" in errors[0]
+    assert "unknown key 'model.num_head'; did you mean 'model.num_heads'?" in errors[0]
     assert str(config) in errors[0]
     # nothing was started: no run folder or model repository in the working directory
     assert sorted(p.name for p in tmp_path.iterdir()) == ["typo.yaml"]

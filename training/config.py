@@ -7,6 +7,7 @@ the key (and, for an unknown key, the closest valid one).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -28,6 +29,8 @@ from recsys.models.autoint import AutoIntConfig
 from recsys.models.registry import ModelConfig
 from recsys.search.dnis import DNISConfig
 
+logger = logging.getLogger(__name__)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -37,12 +40,14 @@ class DataConfig(_Strict):
     """Where the rows come from.
 
     Args:
-        dataset: `ml100k-ctr` and `synthetic-ctr` are prepared by `recsys data prepare`;
-            `parquet` is your own data: `path` holds train/valid/test Parquet (a file
-            `<split>.parquet` or a folder `<split>/` of shards each) and `schema_file` a YAML
-            DatasetSchema.
+        dataset: `ml100k-ctr`, `ml100k-esmm`, `ml100k-domains` and `synthetic-ctr` are
+            prepared by `recsys data prepare` (the three MovieLens tasks also by the first
+            run that needs them); `parquet` is your own data: `path` holds train/valid/test
+            Parquet (a file `<split>.parquet` or a folder `<split>/` of shards each) and
+            `schema_file` a YAML DatasetSchema.
         path: the prepared dataset folder; defaults to `<data_dir>/<dataset>`.
-        schema_file: YAML DatasetSchema; defaults to `<path>/schema.yaml`.
+        schema_file: YAML DatasetSchema; defaults to `<path>/schema.yaml`. A relative path
+            is read from the current folder if it is there, else from `path`.
         data_dir: the cache directory; defaults to `$RECSYS_DATA` or `~/.cache/recsys`.
         chunk_rows: rows the driver reads, encodes and shuffles at a time. It bounds the
             driver's memory whatever the split sizes; train rows are shuffled within a chunk,
@@ -325,7 +330,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError as e:
-            raise ConfigError(f"config: file {path} does not exist") from e
+            raise ConfigError(
+                f"config: file {path} does not exist; pass a YAML file, e.g. "
+                "configs/autoint_ml100k.yaml"
+            ) from e
         except OSError as e:
             raise ConfigError(
                 f"config: cannot read {path} ({e.strerror}); pass a YAML file, e.g. "
@@ -338,8 +346,39 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                 f"config {path}: expected sections (data:, model:, train:, ...) at the top "
                 f"level (got a {type(raw).__name__}); see configs/autoint_ml100k.yaml"
             )
+    from_file = raw
     raw = apply_overrides(raw, overrides or [])
     try:
-        return ExperimentConfig.model_validate(raw)
+        config = ExperimentConfig.model_validate(raw)
     except ValidationError as e:
+        if overrides and _validates(from_file):
+            where = "--set"  # the file alone is fine: the bad key or value came from a --set
         raise ConfigError(f"{where}: {format_validation_error(e, ExperimentConfig)}") from e
+    for setting in ignored_settings(raw):
+        logger.warning(
+            "config: %s is set but embedding.variant is '%s', which does not use it",
+            setting,
+            config.embedding.variant,
+        )
+    return config
+
+
+def ignored_settings(raw: dict[str, Any]) -> list[str]:
+    """The embedding settings given (in the file or by --set) that the chosen variant
+    ignores: `param_budget` is read by `hashed` and `unified` only, `unified.*` by `unified`."""
+    embedding = raw.get("embedding") or {}
+    variant = embedding.get("variant", "per_feature")
+    ignored = []
+    if embedding.get("param_budget") is not None and variant not in ("hashed", "unified"):
+        ignored.append("embedding.param_budget")
+    if variant != "unified":
+        ignored += [f"embedding.unified.{key}" for key in sorted(embedding.get("unified") or {})]
+    return ignored
+
+
+def _validates(raw: dict[str, Any]) -> bool:
+    try:
+        ExperimentConfig.model_validate(raw)
+    except ValidationError:
+        return False
+    return True

@@ -89,7 +89,7 @@ def locate_dataset(config: DataConfig, prepare: bool = True) -> SplitFiles:
     root = Path(config.path) if config.path else data_dir / config.dataset
     if config.dataset in MOVIELENS_TASKS and prepare:
         prepare_movielens(config.dataset, root, data_dir=data_dir, show_progress=True)
-    schema_path = Path(config.schema_file) if config.schema_file else root / "schema.yaml"
+    schema_path = schema_file_path(config.schema_file, root)
     if config.dataset == "parquet":
         fix = "set data.path to your folder and data.schema_file to its YAML DatasetSchema"
     else:
@@ -100,11 +100,26 @@ def locate_dataset(config: DataConfig, prepare: bool = True) -> SplitFiles:
             f"under it); {fix}"
         )
     if not schema_path.exists():
+        where = str(schema_path.absolute())
+        if config.schema_file and not Path(config.schema_file).is_absolute():
+            where = f"{where} nor {(root / config.schema_file).absolute()}"
         raise DataError(
-            f"data: schema file {schema_path} not found (expected a YAML DatasetSchema); {fix}"
+            f"data: schema file {config.schema_file or 'schema.yaml'} not found ({where}; "
+            f"expected a YAML DatasetSchema); {fix}"
         )
     schema = DatasetSchema.from_yaml(schema_path)
     return SplitFiles(schema, root, {s: split_files(root, s) for s in SPLITS})
+
+
+def schema_file_path(schema_file: str | None, root: Path) -> Path:
+    """`data.schema_file` as a path: `<root>/schema.yaml` when unset; a relative path is
+    taken from the current folder if it is there, else from the data folder `root`."""
+    if not schema_file:
+        return root / "schema.yaml"
+    path = Path(schema_file)
+    if not path.is_absolute() and not path.exists() and (root / path).exists():
+        return root / path
+    return path
 
 
 def iter_tables(

@@ -256,9 +256,13 @@ class DatasetSchema(BaseModel):
         Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
 
 
-def _closest(name: str, candidates: list[str]) -> str:
+def _closest(name: str, candidates: list[str], prefix: list[Any] | None = None) -> str:
+    """ "; did you mean 'a.b.c'?" with the closest candidate as a full key (pasteable into
+    `--set`), or "" when none is close."""
     match = difflib.get_close_matches(name, candidates, n=1)
-    return f"; did you mean '{match[0]}'?" if match else ""
+    if not match:
+        return ""
+    return f"; did you mean '{'.'.join(str(p) for p in [*(prefix or []), match[0]])}'?"
 
 
 def format_validation_error(error: ValidationError, model: type[BaseModel]) -> str:
@@ -269,7 +273,19 @@ def format_validation_error(error: ValidationError, model: type[BaseModel]) -> s
         loc = ".".join(str(p) for p in path)
         if item["type"] == "extra_forbidden":
             valid = list(getattr(at, "model_fields", {}).keys())
-            lines.append(f"unknown key '{loc}'{_closest(str(path[-1]), valid)}")
+            lines.append(f"unknown key '{loc}'{_closest(str(path[-1]), valid, path[:-1])}")
+        elif item["type"] == "union_tag_invalid":
+            # a discriminated union (model.name): the tag and the valid ones, not the section
+            ctx = item.get("ctx", {})
+            key = ".".join([*(str(p) for p in path), str(ctx.get("discriminator", "")).strip("'")])
+            tags = [t.strip().strip("'") for t in str(ctx.get("expected_tags", "")).split(",")]
+            tag = str(ctx.get("tag", ""))
+            hint = difflib.get_close_matches(tag, tags, n=1)
+            lines.append(
+                f"{key}: unknown value {tag!r}"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+                + f" (expected one of {', '.join(tags)})"
+            )
         elif item["type"] == "value_error":
             # our validators already name the value and the fix; the input is the whole section
             message = item["msg"].removeprefix("Value error, ")

@@ -86,7 +86,7 @@ class DNISConfig(BaseModel):
             from scratch. At the full rates the retrain's fresh row-wise Adagrad (table_lr
             0.05) moves every row by about the scale of the searched embeddings on its first
             steps, throwing away much of what the search found: on ml100k-ctr the fine-tune
-            scored 0.7790 test AUC against 0.7771 at the full rates (5 seeds; +0.0019 and
+            scored 0.7790 test AUC against 0.7771 at the full rates (5 seeds; +0.0018 and
             +0.0017 on seeds 3 and 4, run after this choice was made on seeds 0-2).
         alpha_valid_share: the share of the valid rows the search reads (for the α steps,
             the warm start's early stopping and the pruning sweep; a fixed hash of the row

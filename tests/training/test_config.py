@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +58,23 @@ def test_invalid_yaml(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("model.num_head=4", r"unknown key 'model\.num_head'; did you mean 'num_heads'\?"),
-        ("train.batchsize=64", r"unknown key 'train\.batchsize'; did you mean 'batch_size'\?"),
+        ("model.num_head=4", r"unknown key 'model\.num_head'; did you mean 'model\.num_heads'\?"),
+        ("train.epochs=1", r"unknown key 'train\.epochs'; did you mean 'train\.max_epochs'\?"),
         ("trian.seed=1", r"unknown key 'trian'; did you mean 'train'\?"),
+        (
+            "model.name=autoit",
+            (
+                r"model\.name: unknown value 'autoit'; did you mean 'autoint'\? \(expected "
+                r"one of autoint, armnet, esmm, adaptdhm"
+            ),
+        ),
     ],
 )
-def test_unknown_key_names_the_closest_valid_key(
+def test_unknown_key_names_the_closest_valid_key_as_a_full_key(
     config_file: Path, override: str, expected: str
 ) -> None:
-    with pytest.raises(ConfigError, match=expected):
+    """The hint is pasteable into --set, and a bad --set is not blamed on the file."""
+    with pytest.raises(ConfigError, match="^--set: " + expected):
         load_config(config_file, [override])
 
 
@@ -75,7 +84,7 @@ def test_unknown_key_in_the_file_names_the_file_and_closest_key(tmp_path: Path) 
     path = _write(tmp_path, raw)
     with pytest.raises(
         ConfigError,
-        match=r"edited\.yaml: unknown key 'model\.num_head'; did you mean 'num_heads'\?",
+        match=r"edited\.yaml: unknown key 'model\.num_head'; did you mean 'model\.num_heads'\?",
     ):
         load_config(path)
 
@@ -288,3 +297,20 @@ def test_widths_divisible_by_4_are_accepted() -> None:
         None, ["embedding.variant=lowrank", "embedding.lowrank={ranks: {user_id: 4}}"]
     )
     assert cfg.embedding.lowrank is not None and cfg.embedding.lowrank.ranks == {"user_id": 4}
+
+
+def test_settings_the_chosen_embedding_variant_ignores_are_warned_about(
+    config_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="training.config")
+    load_config(config_file, ["embedding.param_budget=20000", "embedding.unified.num_tables=4"])
+    warned = [r.getMessage() for r in caplog.records]
+    tail = "is set but embedding.variant is 'per_feature', which does not use it"
+    assert warned == [
+        f"config: embedding.param_budget {tail}",
+        f"config: embedding.unified.num_tables {tail}",
+    ]
+    caplog.clear()
+    unified = REPO / "configs" / "autoint_unified_ml100k.yaml"
+    load_config(unified, ["embedding.unified.num_tables=4"])
+    assert not caplog.records

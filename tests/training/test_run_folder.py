@@ -27,6 +27,7 @@ from training.data import (
     locate_dataset,
     read_vocabulary_counts,
     rebatch,
+    schema_file_path,
     side_tables,
 )
 from training.jobs import PREPARED_FILE, check_batch_size, prepare_run, resolve_run
@@ -237,6 +238,30 @@ def test_a_folder_without_its_schema_names_the_schema_file(tmp_path: Path) -> No
     config = load_config(None, ["data.dataset=parquet", f"data.path={tmp_path}"])
     with pytest.raises(DataError, match=r"schema file .*schema\.yaml not found"):
         locate_dataset(config.data)
+
+
+def test_a_relative_schema_file_is_found_in_the_data_folder(
+    tmp_path: Path, ml100k_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's own-data command (`--set data.schema_file=schema.yaml` with the schema in
+    data.path) failed unless it was run from inside data.path."""
+    data = tmp_path / "own"
+    shutil.copytree(ml100k_dir, data)
+    (data / "schema.yaml").rename(data / "mine.yaml")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    overrides = ["data.dataset=parquet", f"data.path={data}", "data.schema_file=mine.yaml"]
+    found = locate_dataset(load_config(None, overrides).data)
+    assert found.schema == DatasetSchema.from_yaml(data / "mine.yaml")
+    # one in the current folder comes first
+    shutil.copy(data / "mine.yaml", elsewhere / "mine.yaml")
+    assert schema_file_path("mine.yaml", data) == Path("mine.yaml")
+    overrides[-1] = "data.schema_file=absent.yaml"
+    with pytest.raises(DataError, match=r"schema file absent\.yaml not found") as error:
+        locate_dataset(load_config(None, overrides).data)
+    assert str(elsewhere / "absent.yaml") in str(error.value)
+    assert str(data / "absent.yaml") in str(error.value)
 
 
 @pytest.mark.parametrize("setting", ["output.model_repo", "output.run_root"])

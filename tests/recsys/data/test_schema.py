@@ -103,11 +103,11 @@ def test_from_yaml_invalid_yaml(tmp_path: Path) -> None:
         ),
         (
             lambda r: r["columns"][0].update(rol=r["columns"][0].pop("role")),
-            r"unknown key 'columns\.0\.rol'; did you mean 'role'\?",
+            r"unknown key 'columns\.0\.rol'; did you mean 'columns\.0\.role'\?",
         ),
         (
             lambda r: r["user"].update(id_colum=r["user"].pop("id_column")),
-            r"unknown key 'user\.id_colum'; did you mean 'id_column'\?",
+            r"unknown key 'user\.id_colum'; did you mean 'user\.id_column'\?",
         ),
     ],
     ids=["top-level", "top-level-domain", "column", "entity"],

@@ -350,7 +350,7 @@ def test_folding_into_another_architecture_is_a_config_error(schema: FeatureSche
         ("search.prune_threshold=0.1", "exactly one of prune_threshold and target_ratio"),
         ("search.width_multiple=6", "must be a multiple of 4"),
         ("search.sweep_ratios=[0.5, 1.5]", "must lie in"),
-        ("search.lr_alpa=0.1", "unknown key 'search.lr_alpa'; did you mean 'lr_alpha'"),
+        ("search.lr_alpa=0.1", "unknown key 'search.lr_alpa'; did you mean 'search.lr_alpha'"),
     ],
 )
 def test_bad_search_settings_name_the_key(override: str, message: str) -> None:
