@@ -238,7 +238,11 @@ class MicroBatcher:
         if self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
         if self._runner is not None:
+            # awaited, so the task is finished when close returns: a loop stopped right after
+            # would otherwise destroy it still pending ("Task was destroyed but it is pending")
             self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
 
     # --- internals ---------------------------------------------------------------------------
     @property
