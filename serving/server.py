@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 # how long `shutdown` waits for calls whose responses are sent but whose tasks still run, and
 # the name of the coroutine grpc.aio runs per call (grpcio 1.85)
 DRAIN_TASKS_S = 5.0
+STOP_NOW_TASKS_S = 1.0  # after a second signal: the calls failed by the batchers
 GRPC_CALL_COROUTINE = "_schedule_rpc_coro"
 SCORING_SERVICE = pb.DESCRIPTOR.services_by_name["Scoring"].full_name
 
@@ -276,6 +277,21 @@ async def shutdown(
     logger.info("serve: stopped")
 
 
+async def _stop_now(server: grpc.aio.Server) -> None:
+    """The second signal's stop: queued calls fail at once with UNAVAILABLE (running batches
+    finish), then the server stops with no grace. The calls are ended by the batchers rather
+    than by `server.stop(0)`: grpc's cancelling a call still in its handler logs a
+    CancelledError traceback per call."""
+    runtime = _RUNTIMES[server]
+    await runtime.health.enter_graceful_shutdown()
+    await runtime.health.end_watches()
+    await runtime.models.close()
+    await _finish_call_tasks(runtime.interceptor, STOP_NOW_TASKS_S)
+    await server.stop(0)
+    runtime.models.metrics.stop_http()
+    logger.info("serve: stopped")
+
+
 async def _finish_call_tasks(interceptor: ServingInterceptor, timeout_s: float) -> int:
     """Waits for the Python tasks of calls the grpc core already considers done.
 
@@ -339,11 +355,7 @@ async def serve(server: grpc.aio.Server, on_started: Callable[[], None] | None =
         current = asyncio.current_task()
         if not second or (current and current.cancelling()):
             raise
-        runtime = _RUNTIMES[server]
-        await server.stop(0)
-        await runtime.models.close()
-        runtime.models.metrics.stop_http()
-        logger.info("serve: stopped")
+        await _stop_now(server)
         return 128 + int(second[0])
     finally:
         for sig in signals:

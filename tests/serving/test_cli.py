@@ -164,8 +164,9 @@ def test_a_second_signal_stops_at_once_with_exit_128_plus_signal(
         process.send_signal(signal.SIGTERM)
         assert process.wait(WAIT_S) == 128 + signal.SIGTERM
         assert time.monotonic() - start < 10.0
-        with pytest.raises(grpc.RpcError):  # cancelled, not answered
+        with pytest.raises(grpc.RpcError) as call:  # failed at once, not answered
             in_flight.result(WAIT_S)
+        assert call.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
     log = log_file.read_text()
     assert "second signal (SIGTERM): stopping now" in log and "serve: stopped" in log
     assert "Traceback" not in log
