@@ -319,7 +319,7 @@ async def _finish_call_tasks(interceptor: ServingInterceptor, timeout_s: float) 
 
 async def serve(server: grpc.aio.Server, on_started: Callable[[], None] | None = None) -> int:
     """Starts the server and runs it until SIGTERM or SIGINT, then shuts down gracefully; a
-    second signal during the shutdown stops at once (in-flight calls are cancelled).
+    second signal during the shutdown stops at once (queued calls fail with UNAVAILABLE).
 
     Args:
         server: a server made by `create_server`.

@@ -354,7 +354,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if overrides and _validates(from_file):
             where = "--set"  # the file alone is fine: the bad key or value came from a --set
         raise ConfigError(f"{where}: {format_validation_error(e, ExperimentConfig)}") from e
-    for setting in ignored_settings(raw):
+    for setting in ignored_settings(raw, config.embedding.variant):
         logger.warning(
             "config: %s is set but embedding.variant is '%s', which does not use it",
             setting,
@@ -363,11 +363,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config
 
 
-def ignored_settings(raw: dict[str, Any]) -> list[str]:
-    """The embedding settings given (in the file or by --set) that the chosen variant
-    ignores: `param_budget` is read by `hashed` and `unified` only, `unified.*` by `unified`."""
+def ignored_settings(raw: dict[str, Any], variant: str) -> list[str]:
+    """The embedding settings given (in the file or by --set) that `variant` ignores:
+    `param_budget` is read by `hashed` and `unified` only, `unified.*` by `unified`."""
     embedding = raw.get("embedding") or {}
-    variant = embedding.get("variant", "per_feature")
     ignored = []
     if embedding.get("param_budget") is not None and variant not in ("hashed", "unified"):
         ignored.append("embedding.param_budget")

@@ -257,8 +257,8 @@ class DatasetSchema(BaseModel):
 
 
 def _closest(name: str, candidates: list[str], prefix: list[Any] | None = None) -> str:
-    """ "; did you mean 'a.b.c'?" with the closest candidate as a full key (pasteable into
-    `--set`), or "" when none is close."""
+    """The "did you mean" hint naming the closest candidate as a full key (`prefix` joined
+    with it by dots, pasteable into `--set`), or "" when none is close."""
     match = difflib.get_close_matches(name, candidates, n=1)
     if not match:
         return ""
