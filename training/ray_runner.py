@@ -99,10 +99,20 @@ def check_reachable(address: str) -> None:
         ) from e
 
 
+# Ports Ray gives its own components by default (GCS, dashboard, dashboard agent HTTP): a
+# dashboard port the OS happened to pick among them makes ray.init refuse the configuration
+# ("dashboard_agent_http is trying to use a port number 52365 that is used by other
+# components"), as it once did in CI.
+RAY_DEFAULT_PORTS = frozenset({6379, 8265, 52365})
+
+
 def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port not in RAY_DEFAULT_PORTS:
+            return port
 
 
 @contextlib.contextmanager

@@ -326,3 +326,27 @@ def test_a_workers_own_error_is_reported_as_itself_not_as_ray_trains_wrapper() -
     assert _user_error(WorkerGroupError("failed", {1: wrapped})) is cause
     assert _user_error(WorkerGroupError("failed", {0: RuntimeError("a bug")})) is None
     assert _user_error(RuntimeError("not from the workers")) is None
+
+
+def test_the_dashboard_port_is_never_one_ray_gives_its_own_components(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An OS-picked dashboard port equal to the dashboard agent's default (52365) made
+    ray.init refuse to start (it happened once in CI): such a port is drawn again."""
+    picks = iter([52365, 8265, 6379, 41234])
+
+    class Probe:
+        def __enter__(self) -> Probe:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def bind(self, address: tuple[str, int]) -> None:
+            assert address == ("127.0.0.1", 0)
+
+        def getsockname(self) -> tuple[str, int]:
+            return ("127.0.0.1", next(picks))
+
+    monkeypatch.setattr(ray_runner.socket, "socket", lambda *args: Probe())
+    assert ray_runner._free_loopback_port() == 41234
